@@ -1,0 +1,61 @@
+"""Decompositions of the two backward ops that have no standard-ONNX translation.
+
+`make_fx` with `core_aten_decompositions()` leaves `aten.convolution_backward` and
+`aten.max_pool2d_with_indices_backward` whole; the ONNX exporter cannot translate
+either. Both are rewritten here in forward ops that it can (convolution, scatter-add).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._decomp import core_aten_decompositions
+
+aten = torch.ops.aten
+
+
+def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                         groups, output_mask):
+    """Gradients of a 2-D convolution as convolutions.
+
+    grad-input is the transposed convolution of the output gradient with the weight;
+    grad-weight is a grouped convolution of the (channel <-> batch transposed) input with
+    the transposed output gradient, where stride and dilation swap roles, cropped to the
+    kernel; grad-bias is a sum.
+    """
+    if transposed:
+        raise NotImplementedError("edgecl exports Conv2d, not ConvTranspose2d")
+    n, cin, h, w = inp.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        extra = [
+            inp.shape[2 + i] - ((grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+            for i in range(2)
+        ]
+        grad_input = aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
+    if output_mask[1]:
+        g = groups
+        inp_t = inp.reshape(n, g, cin // g, h, w).permute(2, 1, 0, 3, 4).reshape(cin // g, g * n, h, w)
+        grad_t = grad_out.reshape(n, g, cout // g, ho, wo).permute(1, 2, 0, 3, 4).reshape(cout, n, ho, wo)
+        full = aten.convolution(inp_t, grad_t, None, dilation, padding, stride, False, [0, 0], g)
+        grad_weight = full[:, :, :kh, :kw].permute(1, 0, 2, 3)
+    if output_mask[2]:
+        grad_bias = grad_out.sum(dim=[0, 2, 3])
+    return grad_input, grad_weight, grad_bias
+
+
+def max_pool2d_with_indices_backward(grad_out, inp, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    """Scatter-add of the output gradient at the argmax positions (indices are per plane)."""
+    n, c = inp.shape[0], inp.shape[1]
+    flat = torch.zeros(n, c, inp.shape[2] * inp.shape[3], dtype=grad_out.dtype, device=grad_out.device)
+    flat = flat.scatter_add(2, indices.reshape(n, c, -1), grad_out.reshape(n, c, -1))
+    return flat.reshape(inp.shape)
+
+
+def decomposition_table() -> dict:
+    """core ATen decompositions plus the two above."""
+    table = dict(core_aten_decompositions())
+    table[aten.convolution_backward.default] = convolution_backward
+    table[aten.max_pool2d_with_indices_backward.default] = max_pool2d_with_indices_backward
+    return table

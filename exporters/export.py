@@ -1,0 +1,143 @@
+"""`export`: a torch model -> an artifact folder a device can train from.
+
+The folder always holds `manifest.json`, `init_state.npz` (initial parameters,
+masks and BatchNorm buffers by name), `model.onnx` (an inference model stock
+onnxruntime runs) and the engine's training graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgecl.runtime.manifest import Manifest, file_entries, load_manifest
+
+from .quiet import quiet_onnx_export
+from .spec import check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
+
+OPSET = 18  # <= 21: ONNX Runtime 1.19 (last training release) and the newest both run it
+IR_VERSION = 10  # ORT 1.19.2 refuses IR 11+ (written by onnx >= 1.18)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactSet:
+    """The result of `export`: where the artifacts are and what they hold."""
+
+    folder: Path
+    manifest: Manifest
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {name: self.folder / name for name in self.manifest.files}
+
+    @property
+    def sha256(self) -> dict[str, str]:
+        return {name: e.sha256 for name, e in self.manifest.files.items()}
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("torch", "onnx", "onnxscript", "onnxruntime-training-cpu", "onnxruntime", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Write an ONNX model at the IR version every supported ORT reads."""
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    onnx.save(model, str(path))
+
+
+def export_inference(model: nn.Module, example_input: torch.Tensor, path: Path, opset: int = OPSET) -> None:
+    """Export `model` in eval mode to a self-contained ONNX inference model (dynamic batch)."""
+    model = model.eval()
+    with quiet_onnx_export():
+        torch.onnx.export(model, (example_input,), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}}, opset_version=opset, dynamo=False)
+    save_onnx(onnx.load(str(path)), path)
+
+
+def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str = "portable", masks=None,
+           trainable=None, dropout: bool = False, opset: int = OPSET, overwrite: bool = True) -> ArtifactSet:
+    """Export a torch model to training artifacts for one engine.
+
+    Args:
+        model: a torch model made of supported layers (README); it is not modified.
+        example_input: float32 tensor (N, *input_shape); N is dynamic in every graph.
+        out_dir: folder to write (created; replaced whole only once every file is written).
+        engine: "portable" (standard-ONNX step graph, any ONNX Runtime) or "ort-training".
+        masks: None, "weights" (all Conv2d/Linear weights), parameter names, or name -> 0/1 array.
+            Masked weights enter the graphs as weight * mask; masks can be replaced at run time.
+        trainable: names of parameters that train (None: all); the others are frozen and
+            get no gradient output.
+        dropout: keep Dropout active in the training graph (off by default).
+        opset: ONNX opset of the graphs (<= 21).
+    Returns:
+        ArtifactSet with the folder and its manifest (files and their sha256).
+    Raises:
+        UnsupportedModelError: an unsupported layer or op, before any file is written.
+        ValueError / KeyError: bad engine, masks or trainable names.
+    """
+    if engine not in ("portable", "ort-training"):
+        raise ValueError(f"engine={engine!r}; accepted: 'portable', 'ort-training'")
+    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32 or example_input.ndim < 2:
+        raise ValueError("example_input must be a float32 torch.Tensor of shape (N, *input_shape)")
+    if not 13 <= opset <= 21:
+        raise ValueError(f"opset={opset}; accepted: 13..21")
+    check_supported(model)
+    model = _copy_for_export(model)
+    check_ops(_copy_for_export(model), example_input)  # a copy: a training forward moves BN statistics
+    mask_arrays = resolve_masks(model, masks)
+    trainable_names = resolve_trainable(model, trainable)
+    params, buffers = tensor_specs(model, mask_arrays, trainable_names)
+    with torch.no_grad():
+        num_classes = int(model.eval()(example_input).shape[1])
+    model.train()
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{str(out_dir)!r} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if engine == "portable":
+            from .portable import write_portable as writer
+        else:
+            from .ort_training import write_ort_training as writer
+        files, extra = writer(model, example_input, tmp, params, buffers, mask_arrays, opset=opset, dropout=dropout)
+        export_inference(_copy_for_export(model), example_input, tmp / "model.onnx", opset)
+        state = {f"param::{n}": p.detach().numpy() for n, p in model.named_parameters()}
+        state.update({f"mask::{n}": m for n, m in mask_arrays.items()})
+        state.update({f"buffer::{b.name}": dict(model.named_buffers())[b.name].detach().numpy() for b in buffers})
+        np.savez(tmp / "init_state.npz", **state)
+        names = sorted(set(files) | {"model.onnx", "init_state.npz"})
+        manifest = Manifest(engine=engine, input_shape=tuple(example_input.shape[1:]), num_classes=num_classes,
+                            parameters=params, buffers=buffers, files=file_entries(tmp, names), opset=opset,
+                            ir_version=IR_VERSION, versions=_versions(), model_name=type(model).__name__,
+                            extra=extra)
+        manifest.write(tmp)
+        load_manifest(tmp)  # round-trip check before the folder goes live
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ArtifactSet(out_dir, load_manifest(out_dir))
+
+
+def _copy_for_export(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)

@@ -1,0 +1,128 @@
+"""The four model families edgecl exports end to end, sized for edge boards.
+
+Each builder takes the shape of one sample (C, H, W) and the number of classes and
+returns a plain `torch.nn.Module` made only of supported layers (see README).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def mlp(in_shape=(1, 8, 8), num_classes=10, hidden=(128, 64), dropout=0.0) -> nn.Module:
+    """A multi-layer perceptron on flattened inputs."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(in_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(in_shape=(1, 8, 8), num_classes=10, width=16) -> nn.Module:
+    """Two conv-ReLU-pool stages and a two-layer classifier (the SparCL "small CNN" scale)."""
+    c, h, w = in_shape
+    feat = 2 * width * (h // 4) * (w // 4)
+    return nn.Sequential(
+        nn.Conv2d(c, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(feat, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN, identity or 1x1 conv-BN shortcut, residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A width-reduced ResNet (ResNet-18 layout with one block per stage by default)."""
+
+    def __init__(self, in_shape=(1, 8, 8), num_classes=10, width=16, blocks=(1, 1, 1)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_shape[0], width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        stages, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            for j in range(n):
+                stages.append(BasicBlock(cin, cout, stride=2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.linear(self.flatten(self.pool(out)))
+
+
+def _dw_separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU6(),
+        nn.Conv2d(cin, cout, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU6(),
+    )
+
+
+def mobilenet(in_shape=(1, 8, 8), num_classes=10, width=16) -> nn.Module:
+    """A MobileNet-v1-style net: a conv stem then depthwise-separable blocks."""
+    return nn.Sequential(
+        nn.Conv2d(in_shape[0], width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU6(),
+        _dw_separable(width, 2 * width, 1),
+        _dw_separable(2 * width, 4 * width, 2),
+        _dw_separable(4 * width, 4 * width, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+
+
+MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet": SmallResNet, "mobilenet": mobilenet}
+
+
+def build_model(name: str, in_shape=(1, 8, 8), num_classes=10, seed: int = 0, **kwargs) -> nn.Module:
+    """Build a model family by name with deterministic initial weights.
+
+    Raises:
+        ValueError: `name` is not one of MODELS.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is unknown; accepted: {', '.join(MODELS)}")
+    torch.manual_seed(seed)
+    return MODELS[name](in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)

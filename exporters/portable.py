@@ -1,0 +1,231 @@
+"""The portable engine's artifacts: a standard-ONNX step graph and a forward graph.
+
+`step.onnx` computes, in plain ONNX ops any ONNX Runtime runs (x86-64, aarch64, Android,
+iOS), the loss, the logits, the gradient of every trainable parameter and the updated
+BatchNorm running statistics from one batch. Parameters, masks and running statistics
+are graph *inputs*, so the device owns them as numpy arrays and updates them itself.
+
+How: the joint forward+backward of `torch.func.functional_call` is traced with
+`make_fx` (symbolic batch size, core ATen decompositions plus the two hand-written
+backward decompositions in `backward_ops`), then exported with the dynamo ONNX exporter
+with `optimize=False` (its optimizer would constant-fold weight * mask).
+
+Graph inputs:  x, y, sample_weight, target_logits, logit_weight, param::<name>...,
+               mask::<name>..., buffer::<name>...
+Graph outputs: loss, logits, grad::<name>... (trainable only), buffer_out::<name>...
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+from edgecl.runtime.manifest import TensorSpec
+
+from .backward_ops import decomposition_table
+from .quiet import quiet_onnx_export
+
+BATCH_INPUTS = ("x", "y", "sample_weight", "target_logits", "logit_weight")
+MAX_BATCH = 1 << 16
+
+
+class _TrainBatchNorm2d(nn.Module):
+    """BatchNorm2d in training mode written without in-place updates.
+
+    Normalises with the batch statistics (as torch does in training) and leaves the new
+    running statistics in `self.new_stats` instead of mutating buffers, so the step
+    graph can return them as outputs. Same parameter and buffer names as BatchNorm2d.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.new_stats = None
+
+    def forward(self, x):
+        mean = x.mean(dim=(0, 2, 3))
+        centered = x - mean[None, :, None, None]
+        var = (centered * centered).mean(dim=(0, 2, 3))
+        out = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.weight is not None:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        m = self.momentum
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        self.new_stats = ((1 - m) * self.running_mean + m * mean.detach(), (1 - m) * self.running_var + m * unbiased)
+        return out
+
+
+class _TrainDropout(nn.Module):
+    """Dropout in training mode as `x * (uniform >= p) / (1 - p)`: exports to RandomUniformLike."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
+def _training_copy(model: nn.Module, dropout: bool) -> tuple[nn.Module, dict[str, _TrainBatchNorm2d]]:
+    """A copy of `model` with functional BatchNorm and (unless asked) Dropout removed."""
+    model = copy.deepcopy(model).train()
+    bns = {}
+    for path, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{path}.{child_name}" if path else child_name
+            if isinstance(child, nn.BatchNorm2d):
+                bns[full] = _TrainBatchNorm2d(child)
+                setattr(module, child_name, bns[full])
+            elif isinstance(child, nn.Dropout):
+                setattr(module, child_name, _TrainDropout(child.p) if dropout else nn.Identity())
+    return model, bns
+
+
+def weighted_loss(logits, y, sample_weight, target_logits, logit_weight):
+    """sum_i w_i CE(z_i, y_i) + sum_i v_i mean_k (z_ik - t_ik)^2 (see edgecl.runtime.engine)."""
+    ce = F.cross_entropy(logits, y, reduction="none")
+    mse = ((logits - target_logits) ** 2).mean(dim=1)
+    return (sample_weight * ce).sum() + (logit_weight * mse).sum()
+
+
+def _make_step_fn(model, bns, params, buffers, mask_names):
+    names = [p.name for p in params]
+    trainable = [p.name for p in params if p.trainable]
+    buffer_names = [b.name for b in buffers]
+    bn_of_buffer = {b: (path, 0 if b.endswith("running_mean") else 1) for path in bns for b in buffer_names
+                    if b.rsplit(".", 1)[0] == path}
+
+    def step(x, y, sample_weight, target_logits, logit_weight, *flat):
+        p_vals = dict(zip(names, flat[: len(names)]))
+        m_vals = dict(zip(mask_names, flat[len(names) : len(names) + len(mask_names)]))
+        b_vals = dict(zip(buffer_names, flat[len(names) + len(mask_names) :]))
+        for n in trainable:
+            p_vals[n].requires_grad_(True)
+        effective = {n: (p_vals[n] * m_vals[n] if n in m_vals else p_vals[n]) for n in names}
+        logits = torch.func.functional_call(model, {**effective, **b_vals}, (x,), strict=False)
+        loss = weighted_loss(logits, y, sample_weight, target_logits, logit_weight)
+        grads = torch.autograd.grad(loss, [p_vals[n] for n in trainable])
+        new_buffers = [bns[bn_of_buffer[b][0]].new_stats[bn_of_buffer[b][1]] for b in buffer_names]
+        return (loss, logits, *grads, *new_buffers)
+
+    return step
+
+
+def _make_forward_fn(model, params, buffers, mask_names):
+    names = [p.name for p in params]
+    buffer_names = [b.name for b in buffers]
+
+    def forward(x, *flat):
+        p_vals = dict(zip(names, flat[: len(names)]))
+        m_vals = dict(zip(mask_names, flat[len(names) : len(names) + len(mask_names)]))
+        b_vals = dict(zip(buffer_names, flat[len(names) + len(mask_names) :]))
+        effective = {n: (p_vals[n] * m_vals[n] if n in m_vals else p_vals[n]) for n in names}
+        return torch.func.functional_call(model, {**effective, **b_vals}, (x,), strict=False)
+
+    return forward
+
+
+def _rename_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """Give graph inputs and outputs stable names (the exporter numbers them arg0_1, ...)."""
+    graph = proto.graph
+    if len(graph.input) != len(inputs) or len(graph.output) != len(outputs):
+        raise RuntimeError(f"exported graph has {len(graph.input)} inputs / {len(graph.output)} outputs, "
+                           f"expected {len(inputs)} / {len(outputs)}")
+    rename = {old.name: new for old, new in zip(graph.input, inputs)}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for vi, new in zip(graph.input, inputs):
+        vi.name = new
+    # An Identity per output: two outputs may share one tensor, or an output may be an input.
+    for vi, new in zip(graph.output, outputs):
+        graph.node.append(onnx.helper.make_node("Identity", [rename.get(vi.name, vi.name)], [new]))
+        vi.name = new
+    return proto
+
+
+def _trace(fn, args, n_batch_args: int) -> torch.fx.GraphModule:
+    """make_fx with only the batch dimension of the first `n_batch_args` inputs symbolic.
+
+    (tracing_mode="symbolic" makes every dimension of every parameter symbolic too, and
+    is 5-10x slower for the same graph.)
+    """
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+
+    def fake(i, a):
+        dims = [DimDynamic.DYNAMIC if (d == 0 and i < n_batch_args) else DimDynamic.STATIC for d in range(a.ndim)]
+        return mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    fake_args = [fake(i, a) for i, a in enumerate(args)]
+    with mode:
+        return make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="real")(*fake_args)
+
+
+def _export_graph(fn, args, n_batch_args: int, input_names, output_names, path: Path, opset: int) -> None:
+    traced = _trace(fn, args, n_batch_args)
+    batch = torch.export.Dim("N", min=1, max=MAX_BATCH)
+    dynamic = tuple({0: batch} if i < n_batch_args else None for i in range(len(args)))
+    with quiet_onnx_export():
+        program = torch.onnx.export(traced, tuple(args), dynamo=True, optimize=False, opset_version=opset,
+                                    dynamic_shapes=dynamic, verbose=False)
+    proto = _rename_io(program.model_proto, list(input_names), list(output_names))
+    from .export import save_onnx
+
+    save_onnx(proto, path)
+
+
+def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, params: tuple[TensorSpec, ...],
+                   buffers: tuple[TensorSpec, ...], masks: dict[str, np.ndarray], opset: int, dropout: bool):
+    """Write `step.onnx` and `forward.onnx` into `folder`.
+
+    Returns:
+        (file names written, manifest `extra` with the graphs' input and output names).
+    """
+    mask_names = [p.name for p in params if p.masked]
+    trainable = [p.name for p in params if p.trainable]
+    named_params = dict(model.named_parameters())
+    named_buffers = dict(model.named_buffers())
+    x = example_input[: max(2, min(4, len(example_input)))].clone()
+    if len(x) < 2:
+        x = torch.cat([x, x])
+    n = len(x)
+    with torch.no_grad():
+        k = int(model.eval()(x).shape[1])
+    model.train()
+    p_args = [named_params[p.name].detach().clone() for p in params]
+    m_args = [torch.from_numpy(masks[name]) for name in mask_names]
+    b_args = [named_buffers[b.name].detach().clone() for b in buffers]
+    state_inputs = ([f"param::{p.name}" for p in params] + [f"mask::{m}" for m in mask_names]
+                    + [f"buffer::{b.name}" for b in buffers])
+
+    train_model, bns = _training_copy(model, dropout)
+    step_fn = _make_step_fn(train_model, bns, params, buffers, mask_names)
+    batch_args = [x, torch.zeros(n, dtype=torch.int64), torch.full((n,), 1.0 / n), torch.zeros(n, k), torch.zeros(n)]
+    step_inputs = list(BATCH_INPUTS) + state_inputs
+    step_outputs = ["loss", "logits"] + [f"grad::{t}" for t in trainable] + [f"buffer_out::{b.name}" for b in buffers]
+    _export_graph(step_fn, batch_args + p_args + m_args + b_args, len(BATCH_INPUTS), step_inputs, step_outputs,
+                  folder / "step.onnx", opset)
+
+    eval_model = copy.deepcopy(model).eval()
+    forward_fn = _make_forward_fn(eval_model, params, buffers, mask_names)
+    forward_inputs = ["x"] + state_inputs
+    _export_graph(forward_fn, [x] + p_args + m_args + b_args, 1, forward_inputs, ["logits"],
+                  folder / "forward.onnx", opset)
+    extra = {"step_inputs": step_inputs, "step_outputs": step_outputs, "forward_inputs": forward_inputs,
+             "dropout": dropout}
+    return ["step.onnx", "forward.onnx"], extra

@@ -1,0 +1,17 @@
+"""Exceptions raised by edgecl; each message names the bad value and what is accepted."""
+
+
+class EdgeclError(Exception):
+    """Base class of every error edgecl raises on purpose."""
+
+
+class ArtifactError(EdgeclError):
+    """An artifact folder is missing a file, has an altered file, or an unreadable manifest."""
+
+
+class BatchError(EdgeclError, ValueError):
+    """A training or evaluation batch has the wrong shape, dtype, range or non-finite values."""
+
+
+class UnsupportedModelError(EdgeclError, ValueError):
+    """The exporter met a layer or op it cannot put into a training graph."""
