@@ -29,6 +29,12 @@ Facts this module works around (onnxruntime-training 1.19.2, torch 2.13, onnx 1.
 - ORT's AdamW graph defaults to the Hugging Face variant (adam_mode=1): adam_mode is set
   to 0, torch's AdamW; its betas and eps are fixed here, weight decay is left to the
   runtime (0 in the graph);
+- the TorchScript exporter merges initializers of equal value in eval mode (a BatchNorm
+  bias of zeros and a running mean of zeros become one tensor): exports keep initializers
+  as inputs, which turns that off;
+- ORT's gradient of SoftmaxCrossEntropyLoss reads its optional log_prob output, which ORT
+  adds for some graphs only (mlp and cnn fail in the gradient builder without it): the
+  forward graph always declares it;
 - onnx >= 1.18 writes IR versions ORT 1.19.2 refuses: every file is rewritten at IR 10.
 """
 
@@ -118,10 +124,12 @@ def _without_dropout(model: nn.Module) -> None:
 def _batchnorm_layers(model: nn.Module, example_input: torch.Tensor) -> list[dict]:
     """Running-statistic buffer names, torch momentum and per-channel spatial size of each BatchNorm2d."""
     found: dict[str, int] = {}
-    hooks = [
-        module.register_forward_hook(lambda m, inp, out, path=path: found.__setitem__(path, math.prod(inp[0].shape[2:])))
-        for path, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)
-    ]
+
+    def record(path):
+        return lambda module, inputs, output: found.__setitem__(path, math.prod(inputs[0].shape[2:]))
+
+    hooks = [module.register_forward_hook(record(path))
+             for path, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -152,8 +160,12 @@ def _export_graph(module: nn.Module, args: tuple, input_names, output_names, tra
     dynamic = {name: {0: "N"} for name in (*input_names, "logits")}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        # num_batches_tracked's in-place add is dropped from the graph: it is unused with a float momentum.
-        warnings.simplefilter("ignore")
+        # Expected here: the legacy exporter and its `training=` argument are deprecated (used on
+        # purpose, see above); BatchNorm's num_batches_tracked += 1 is dropped from the graph
+        # (unused with a float momentum); the tracer notes BatchNorm's batch-size check.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="ONNX Preprocess - Removing mutation")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(module, args, buffer, input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=False,
                           training=training, keep_initializers_as_inputs=True)
@@ -172,7 +184,7 @@ def _rename_initializers(proto: onnx.ModelProto, rename: dict[str, str], values:
         UnsupportedModelError: a parameter, buffer or mask is missing from the traced graph.
     """
     present = {init.name for init in proto.graph.initializer}
-    missing = sorted(graph for export, graph in rename.items() if export not in present and graph in values)
+    missing = sorted(graph for export, graph in rename.items() if export not in present)
     if missing:
         raise UnsupportedModelError(
             f"tensors {missing} do not reach the traced graph (unused in forward?); every parameter must be used")
@@ -249,9 +261,6 @@ def _optimizer_models(opset: int) -> dict[str, onnx.ModelProto]:
                 for attr in node.attribute:
                     if attr.name == "adam_mode":
                         attr.i = 0  # 0: torch.optim.AdamW's update; ORT's default 1 is Hugging Face's
-            if node.op_type == "SGDOptimizerV2":
-                # Declared [1], inferred scalar by the op schema: ORT warns on every load. Leave it unset.
-                proto.graph.output[0].type.tensor_type.ClearField("shape")
         out[kind] = proto
     return out
 
@@ -296,7 +305,8 @@ def write_ort_training(model: nn.Module, example_input: torch.Tensor, folder: Pa
         (file names written, `extra` for the manifest: graph input/output names, mask and
         BatchNorm details, optimizer files and the AdamW hyper-parameters fixed in its graph).
     Raises:
-        UnsupportedModelError: a parameter, buffer or BatchNorm the graphs cannot carry.
+        UnsupportedModelError: a parameter, buffer or BatchNorm the graphs cannot carry, or an
+            op onnxruntime-training has no gradient for.
     """
     from onnxruntime.training import artifacts
 
@@ -305,8 +315,9 @@ def write_ort_training(model: nn.Module, example_input: torch.Tensor, folder: Pa
     if not dropout:
         _without_dropout(model)
     # Values before any trace (tracing BatchNorm in training mode moves its running statistics).
+    model_buffers = dict(model.named_buffers())
     values = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
-    values.update({b.name: dict(model.named_buffers())[b.name].detach().numpy().copy() for b in buffers})
+    values.update({b.name: model_buffers[b.name].detach().numpy().copy() for b in buffers})
     values.update({MASK_PREFIX + n: np.array(m, np.float32) for n, m in masks.items()})
     layers = _batchnorm_layers(model, example_input)
     with torch.no_grad():
@@ -314,31 +325,35 @@ def write_ort_training(model: nn.Module, example_input: torch.Tensor, folder: Pa
     model.train()
 
     tensors = dict(model.named_parameters())
-    tensors.update({b.name: dict(model.named_buffers())[b.name] for b in buffers})
+    tensors.update({b.name: model_buffers[b.name] for b in buffers})
     masked = _MaskedModel(model, masks)
     tensors.update({MASK_PREFIX + n: t for n, t in masked.mask_tensors.items()})
     graph_of = {id(t): name for name, t in tensors.items()}
     loss_graph = _LossGraph(masked)
-    rename = {export: graph_of[id(t)] for export, t in (*loss_graph.named_parameters(), *loss_graph.named_buffers())
-              if id(t) in graph_of}
+    named = (*loss_graph.named_parameters(), *loss_graph.named_buffers())
+    rename = {export: graph_of[id(t)] for export, t in named if id(t) in graph_of}  # export name -> graph name
 
-    x = example_input if len(example_input) >= 2 else example_input.repeat(2, *([1] * (example_input.ndim - 1)))
+    # Two rows at least: torch refuses a training BatchNorm over a single value per channel.
+    x = example_input if len(example_input) >= 2 else torch.cat([example_input, example_input])
     n = len(x)
-    args = (x, torch.zeros(n, dtype=torch.int64), torch.full((n,), 1.0 / n), torch.zeros(n, num_classes), torch.zeros(n))
+    args = (x, torch.zeros(n, dtype=torch.int64), torch.full((n,), 1.0 / n), torch.zeros(n, num_classes),
+            torch.zeros(n))
     train_proto = _export_graph(loss_graph.train(), args, TRAIN_INPUTS, ("loss", "logits"),
                                 torch.onnx.TrainingMode.TRAINING, opset)
     _rename_initializers(train_proto, rename, values)
     _add_log_prob_outputs(train_proto)
     updated = _add_batchnorm_outputs(train_proto, layers)
-    eval_proto = _export_graph(masked, (x,), EVAL_INPUTS, ("logits",),
-                               torch.onnx.TrainingMode.EVAL, opset)
+    eval_proto = _export_graph(masked, (x,), EVAL_INPUTS, ("logits",), torch.onnx.TrainingMode.EVAL, opset)
     _rename_initializers(eval_proto, {k.removeprefix("masked."): v for k, v in rename.items()}, values)
 
     trainable = [p.name for p in params if p.trainable]
     frozen = [name for name in values if name not in set(trainable)]
-    with _quiet_gradient_builder():
-        artifacts.generate_artifacts(train_proto, requires_grad=trainable, frozen_params=frozen, loss=None,
-                                     optimizer=None, artifact_directory=folder)
+    try:
+        with _quiet_gradient_builder():
+            artifacts.generate_artifacts(train_proto, requires_grad=trainable, frozen_params=frozen, loss=None,
+                                         optimizer=None, artifact_directory=folder)
+    except RuntimeError as e:  # ORT's gradient builder: an op without a gradient, or a graph it cannot take
+        raise UnsupportedModelError(f"onnxruntime-training cannot build the training graph of this model: {e}") from e
     training = onnx.load(str(folder / "training_model.onnx"))
     param_order = [i.name for i in training.graph.input if i.name in values]
     save_onnx(training, folder / "training_model.onnx")

@@ -49,6 +49,8 @@ def check_supported(model: nn.Module) -> None:
             )
         if isinstance(module, nn.MaxPool2d) and (module.ceil_mode or module.return_indices):
             raise UnsupportedModelError(f"layer {path!r} is MaxPool2d with ceil_mode/return_indices; supported: neither")
+        if isinstance(module, nn.AvgPool2d) and (module.ceil_mode or module.divisor_override):
+            raise UnsupportedModelError(f"layer {path!r} is AvgPool2d with ceil_mode/divisor_override; supported: neither")
 
 
 def default_mask_names(model: nn.Module) -> list[str]:

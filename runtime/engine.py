@@ -39,7 +39,7 @@ class Batch:
 def _check_finite(name: str, a: np.ndarray) -> None:
     if not np.isfinite(a).all():
         bad = np.argwhere(~np.isfinite(a))[0]
-        raise BatchError(f"{name} holds a non-finite value {a[tuple(bad)]!r} at index {tuple(int(i) for i in bad)}; accepted: finite values only")
+        raise BatchError(f"{name} holds a non-finite value {float(a[tuple(bad)])} at index {tuple(int(i) for i in bad)}; accepted: finite values only")
 
 
 def _check_float(name: str, a, shape: tuple) -> np.ndarray:

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 
 from .engine import Batch, Engine
 from .errors import ArtifactError, BatchError
@@ -51,8 +52,6 @@ def _training_api():
     Raises:
         ArtifactError: the installed onnxruntime has no training support.
     """
-    import onnxruntime
-
     if "onnxruntime.training" not in sys.modules:
         folder = Path(onnxruntime.__file__).parent / "training"
         if not (folder / "api").is_dir():
@@ -114,9 +113,7 @@ class OrtTrainingEngine(Engine):
 
     # --- ORT objects ------------------------------------------------------
     @staticmethod
-    def _session_options(threads: int | None):
-        import onnxruntime
-
+    def _session_options(threads: int | None) -> onnxruntime.SessionOptions:
         options = onnxruntime.SessionOptions()
         if threads is not None:
             if threads < 1:
@@ -132,17 +129,32 @@ class OrtTrainingEngine(Engine):
             state = api.CheckpointState.load_checkpoint(checkpoint)
             module = api.Module(self._dir / "training_model.onnx", state, self._dir / "eval_model.onnx",
                                 session_options=self._options)
-            optimizer = api.Optimizer(self._optimizer_file, module)
+            # ORT's own SGD graph declares its flag output [1] while the op schema infers a scalar,
+            # and ORT warns about it on every load: warnings are off while the optimizer session
+            # is built (a session copies its options, so later sessions are not affected).
+            level = self._options.log_severity_level
+            self._options.log_severity_level = 3
+            try:
+                optimizer = api.Optimizer(self._optimizer_file, module)
+            finally:
+                self._options.log_severity_level = level
         except Exception as e:  # ORT raises RuntimeError / its own Fail types for bad files
             raise ArtifactError(f"onnxruntime-training cannot load the artifacts in {str(self._dir)!r}: {e}") from e
         expected = self.manifest.extra.get("train_inputs")
         if module.input_names() != expected:
             raise ArtifactError(f"training graph inputs are {module.input_names()}; the manifest says {expected}")
+        # Every write below goes through `Parameter.data` / `.grad`, which onnxruntime 1.19 returns
+        # as writable numpy views of the tensors its sessions read: check that, once, loudly.
+        probe = state.parameters[next(iter(self._graph.values()))]
+        if probe.data.flags.owndata or not probe.data.flags.writeable:
+            raise ArtifactError(f"onnxruntime {onnxruntime.__version__} returns parameter copies, not views; "
+                                f"the ort-training engine needs onnxruntime-training-cpu 1.19")
         self._state, self._module, self._optimizer = state, module, optimizer
         self._outputs = module.output_names()
         self._optimizer.set_learning_rate(self._lr)
 
     def _param(self, graph_name: str):
+        """ORT's Parameter: `.data` and `.grad` are writable numpy views of its tensors (CPU)."""
         return self._state.parameters[graph_name]
 
     def _apply_masks(self, names) -> None:
@@ -173,7 +185,8 @@ class OrtTrainingEngine(Engine):
         keep = np.float32(1.0 - layer["momentum"])  # ONNX momentum: the weight of the old value
         new_var = outs["updated::" + layer["var"]]
         # ORT: keep*old + (1-keep)*biased; torch: keep*old + (1-keep)*biased*count/(count-1)
-        self._param(self._buffer_graph[layer["var"]]).data[...] = new_var + (new_var - keep * old_var) / np.float32(count - 1)
+        unbiased = new_var + (new_var - keep * old_var) / np.float32(count - 1)
+        self._param(self._buffer_graph[layer["var"]]).data[...] = unbiased
         self._param(self._buffer_graph[layer["mean"]]).data[...] = outs["updated::" + layer["mean"]]
 
     def _apply_gradients(self, grads):
@@ -253,12 +266,14 @@ class OrtTrainingEngine(Engine):
 
     def _load_state_arrays(self, arrays) -> None:
         kind = self.optimizer_config.kind
-        optim = {k for k in arrays if k.startswith("optim::")}
-        accepted = {ADAMW_STATE_KEY} if kind is OptimizerKind.ADAMW else {
+        accepted = {f"mask::{n}" for n in self._mask_graph} | {f"buffer::{n}" for n in self._buffer_graph}
+        accepted |= {f"param::{n}" for n in self._graph}
+        accepted |= {ADAMW_STATE_KEY} if kind is OptimizerKind.ADAMW else {
             f"optim::momentum_buffer::{n}" for n in self.trainable_shapes}
-        if optim - accepted:
-            raise ArtifactError(f"engine state holds optimizer state {sorted(optim - accepted)[:3]} that a "
-                                f"{kind.value} optimizer cannot use; load it with the optimizer that saved it")
+        unknown = sorted(set(arrays) - accepted)
+        if unknown:  # checked before anything changes, so a refused state leaves the engine as it was
+            raise ArtifactError(f"engine state holds {unknown[:3]}, which this model with a {kind.value} "
+                                f"optimizer cannot use; load it with the model and optimizer that saved it")
         if ADAMW_STATE_KEY in arrays:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "checkpoint"
@@ -268,13 +283,10 @@ class OrtTrainingEngine(Engine):
             self._open(self._dir / "checkpoint")  # no saved moments: start from zero, like torch
         self._momentum = {k.split("::", 2)[2]: np.array(v, np.float32) for k, v in arrays.items()
                           if k.startswith("optim::momentum_buffer::")}
+        graph_names = {"param": self._graph, "mask": self._mask_graph, "buffer": self._buffer_graph}
         for key, val in arrays.items():
-            kind_, _, name = key.partition("::")
-            if kind_ == "param":
-                self._param(self._graph[name]).data[...] = val
-            elif kind_ == "mask":
-                self._param(self._mask_graph[name]).data[...] = val
-            elif kind_ == "buffer":
-                self._param(self._buffer_graph[name]).data[...] = val
+            section, _, name = key.partition("::")
+            if section in graph_names:
+                self._param(graph_names[section][name]).data[...] = val
         self._apply_masks(self._mask_graph)
 

@@ -1,0 +1,1 @@
+from tests.helpers import exported, rng  # noqa: F401  (fixtures)
