@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One command from a fresh Debian machine with Python 3.11:
+#   ./bootstrap.sh run    set up, then run the main job (edgecl run)
+#   ./bootstrap.sh test   set up, then run the whole test suite
+# Set-up is idempotent: system packages, .venv at the repository root, Python packages.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+STAMP=.venv/.edgecl-installed
+
+need_apt=()
+"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# Fashion-MNIST (IDX files under /usr/share/datasets/fashion-mnist) for the larger benchmarks.
+[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== apt-get install ${need_apt[*]}"
+    apt-get update -qq >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null || \
+      echo "warning: could not install ${need_apt[*]}; tests needing them will say so"
+  else
+    echo "note: not root or no apt-get; skipped system packages: ${need_apt[*]}"
+  fi
+fi
+
+[ -x .venv/bin/python ] || { echo "== creating .venv"; "$PYTHON" -m venv .venv; }
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ bootstrap.sh -nt "$STAMP" ]; then
+  echo "== installing packages into .venv (first time: a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and pinned: the CPU build; an open range would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q torch==2.13.0
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$STAMP"
+fi
+
+export OMP_WAIT_POLICY=PASSIVE
+case "${1:-run}" in
+  run)  shift || true; exec .venv/bin/edgecl run "$@" ;;
+  test) shift || true; exec .venv/bin/python -m pytest "$@" ;;
+  *)    echo "usage: ./bootstrap.sh run|test [args]" >&2; exit 2 ;;
+esac
