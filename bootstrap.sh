@@ -33,6 +33,16 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ bootstrap.sh -nt "$
   touch "$STAMP"
 fi
 
+# A second, runtime-only environment with the newest *stock* onnxruntime (what boards
+# install), used by the tests to show the portable graphs run there too.
+if [ "${1:-run}" = test ] && { [ ! -f .venv-stock-ort/.ok ] || [ pyproject.toml -nt .venv-stock-ort/.ok ]; }; then
+  echo "== creating .venv-stock-ort (numpy + stock onnxruntime, no torch)"
+  "$PYTHON" -m venv .venv-stock-ort
+  .venv-stock-ort/bin/python -m pip install -q onnxruntime numpy tqdm
+  .venv-stock-ort/bin/python -m pip install -q --no-deps -e .
+  touch .venv-stock-ort/.ok
+fi
+
 export OMP_WAIT_POLICY=PASSIVE
 case "${1:-run}" in
   run)  shift || true; exec .venv/bin/edgecl run "$@" ;;
