@@ -1,15 +1,41 @@
-"""Data sets as numpy arrays (N, C, H, W) float32 in [0, 1] and int64 labels."""
+"""Data sets as numpy arrays (N, C, H, W) float32 in [0, 1] and int64 labels.
+
+Loaders for the data that is real on this machine (scikit-learn's digits, Fashion-MNIST from
+the Debian package `dataset-fashion-mnist`) and for the formats a user brings: IDX files,
+CIFAR-10 python batches, `.npz` arrays and a folder of images per class.
+`load_dataset("fashion-mnist")` picks one by a short spec string.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gzip
+import pickle
+from pathlib import Path
 
 import numpy as np
+
+from .errors import EdgeclError
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions (N, H, W)
+IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension (N,)
+
+
+class DataError(EdgeclError, ValueError):
+    """A data file is malformed: wrong magic number, truncated, inconsistent sizes or counts."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Images x float32 (N, C, H, W) and labels y int64 (N,)."""
+    """Images x float32 (N, C, H, W) and labels y int64 (N,) in [0, num_classes).
+
+    Raises:
+        ValueError: x is not 4-D float32, y is not N integers, or a label is outside [0, num_classes).
+    """
 
     name: str
     x: np.ndarray
@@ -18,13 +44,24 @@ class Dataset:
 
     def __post_init__(self):
         if self.x.ndim != 4 or self.x.dtype != np.float32:
-            raise ValueError(f"{self.name}: x has shape {self.x.shape} dtype {self.x.dtype}; accepted: (N, C, H, W) float32")
-        if self.y.shape != (len(self.x),):
-            raise ValueError(f"{self.name}: y has shape {self.y.shape}; accepted: ({len(self.x)},)")
+            raise ValueError(f"{self.name}: x has shape {self.x.shape} dtype {self.x.dtype}; "
+                             f"accepted: (N, C, H, W) float32")
+        if self.y.shape != (len(self.x),) or not np.issubdtype(self.y.dtype, np.integer):
+            raise ValueError(f"{self.name}: y has shape {self.y.shape} dtype {self.y.dtype}; "
+                             f"accepted: ({len(self.x)},) integers")
+        if self.num_classes < 1:
+            raise ValueError(f"{self.name}: num_classes={self.num_classes}; accepted: >= 1")
+        if len(self.y) and (self.y.min() < 0 or self.y.max() >= self.num_classes):
+            raise ValueError(f"{self.name}: labels span [{self.y.min()}, {self.y.max()}]; "
+                             f"accepted: [0, {self.num_classes - 1}] (num_classes={self.num_classes})")
 
 
 def load_digits() -> Dataset:
     """scikit-learn's 1 797 8x8 handwritten digits (shipped inside its wheel: no download).
+
+    Returns:
+        Dataset "digits": x (1797, 1, 8, 8) float32 in [0, 1], 10 classes. No official test split:
+        see edgecl.runtime.scenarios.train_test_split.
 
     Raises:
         ImportError: scikit-learn is not installed (pip install 'edgecl[data]').
@@ -49,24 +86,311 @@ def load_npz(path) -> Dataset:
     Raises:
         FileNotFoundError: no such file. ValueError: the file lacks x or y, or they are malformed.
     """
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    path = _existing_file(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise ValueError(f"data file {str(path)!r} is not a readable .npz: {e}") from e
+        raise DataError(f"data file {str(path)!r} is not a readable .npz: {e}") from e
     missing = {"x", "y"} - arrays.keys()
     if missing:
-        raise ValueError(f"data file {str(path)!r} lacks arrays {sorted(missing)}; accepted: an .npz with x and y")
+        raise DataError(f"data file {str(path)!r} lacks arrays {sorted(missing)}; accepted: an .npz with x and y")
     x, y = arrays["x"], arrays["y"]
     if x.ndim == 3:
         x = x[:, None]
     if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"data file {str(path)!r}: y has dtype {y.dtype}; accepted: integers")
+        raise DataError(f"data file {str(path)!r}: y has dtype {y.dtype}; accepted: integers")
     k = int(arrays["num_classes"]) if "num_classes" in arrays else int(y.max()) + 1
     name = str(arrays["name"]) if "name" in arrays else path.stem
     return Dataset(name, x.astype(np.float32), y.astype(np.int64), k)
+
+
+def read_idx(path, magic: int) -> np.ndarray:
+    """Read one IDX file (plain or gzip, told apart by content) as a uint8 array of its header's shape.
+
+    Args:
+        path: the file. magic: the expected magic number (0x00000803 images, 0x00000801 labels).
+
+    Returns:
+        uint8 array with the big-endian dimensions of the header.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: a corrupt gzip stream, a wrong magic number, or a payload whose size is not the
+            product of the header's dimensions (truncated or trailing bytes).
+    """
+    path = _existing_file(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"IDX file {str(path)!r} is not a readable gzip stream: {e}") from e
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
+        found = f"0x{int.from_bytes(raw[:4], 'big'):08x}" if len(raw) >= 4 else f"{len(raw)} bytes"
+        raise DataError(f"IDX file {str(path)!r} starts with {found}; accepted: magic number 0x{magic:08x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"IDX file {str(path)!r} is truncated: {len(raw)} bytes, the header alone takes {header}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise DataError(f"IDX file {str(path)!r}: header says {shape} = {expected} bytes of data, "
+                        f"the file holds {len(raw) - header} (truncated or trailing bytes)")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def load_idx(images_path, labels_path, num_classes: int | None = None, name: str | None = None) -> Dataset:
+    """Read an IDX image file (N, H, W) and an IDX label file (N,), plain or gzip (the MNIST format).
+
+    Args:
+        num_classes: the class count; None: max(label) + 1. name: None: the image file's name.
+
+    Returns:
+        Dataset with x (N, 1, H, W) float32 = bytes / 255 and y int64.
+
+    Raises:
+        FileNotFoundError: a file is missing. DataError: a malformed file (see read_idx), or label
+            and image counts differ.
+    """
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    if len(labels) != len(images):
+        raise DataError(f"{str(labels_path)!r} holds {len(labels)} labels but {str(images_path)!r} holds "
+                        f"{len(images)} images; accepted: one label per image")
+    k = num_classes if num_classes is not None else int(labels.max(initial=0)) + 1
+    name = name if name is not None else Path(images_path).name.split(".")[0]
+    return Dataset(name, _to_unit_float(images[:, None]), labels.astype(np.int64), k)
+
+
+def load_fashion_mnist(root=FASHION_MNIST_ROOT, split: str = "train") -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017): 60 000 train / 10 000 test 28x28 grey images, 10 classes.
+
+    Args:
+        root: folder of the four IDX files (`train-images-idx3-ubyte.gz`, `t10k-...`; `.gz` optional),
+            where the Debian package dataset-fashion-mnist installs them by default.
+        split: "train" or "test".
+
+    Returns:
+        Dataset "fashion-mnist-<split>", x (N, 1, 28, 28) float32 in [0, 1].
+
+    Raises:
+        ValueError: an unknown split. FileNotFoundError: the files are absent (with how to install
+            them). DataError: a malformed file.
+    """
+    _check_split(split)
+    prefix = "train" if split == "train" else "t10k"
+    paths = []
+    for kind in ("images-idx3", "labels-idx1"):
+        candidates = [Path(root) / f"{prefix}-{kind}-ubyte{ext}" for ext in (".gz", "")]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"Fashion-MNIST file {str(candidates[0])!r} does not exist; install the data "
+                                    f"with `apt-get install dataset-fashion-mnist` or pass root= a folder holding it")
+        paths.append(found[0])
+    return load_idx(*paths, num_classes=10, name=f"fashion-mnist-{split}")
+
+
+def load_cifar10(root, split: str = "train") -> Dataset:
+    """CIFAR-10 (Krizhevsky 2009) from its "python version" batches, unpickled safely.
+
+    Args:
+        root: the folder holding data_batch_1..5 and test_batch (or its parent, which holds
+            `cifar-10-batches-py/`). split: "train" (the five data batches, in order) or "test".
+
+    Returns:
+        Dataset "cifar10-<split>", x (N, 3, 32, 32) float32 in [0, 1] (rows are 1024 red, 1024 green,
+        1024 blue bytes), 10 classes.
+
+    Raises:
+        ValueError: an unknown split. FileNotFoundError: a batch is missing.
+        DataError: a batch is not a pickle, references anything but dict/list/numpy arrays, or
+            lacks data (N, 3072) uint8 or N labels in [0, 9].
+    """
+    _check_split(split)
+    root = Path(root)
+    if not (root / "test_batch").exists() and (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = _existing_file(root / name)
+        with path.open("rb") as f:
+            try:
+                batch = _SafeUnpickler(f, encoding="bytes").load()
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(f"CIFAR-10 batch {str(path)!r} is not a readable pickle: {e!r}") from e
+        data, labels = _cifar_fields(batch, path)
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(labels)
+    return Dataset(f"cifar10-{split}", _to_unit_float(np.concatenate(xs)), np.concatenate(ys), 10)
+
+
+def load_image_folder(root, size: int | tuple[int, int] | None = None, grayscale: bool = False) -> Dataset:
+    """Images in root/<class_name>/*.png|jpg|jpeg; class i is the i-th class folder sorted by name.
+
+    Args:
+        root: the folder of class folders. size: (height, width) or one int for a square; every
+            image is resized to it (bilinear); None: images must already share one size.
+        grayscale: True: 1 channel (Pillow "L"); False: 3 channels (RGB).
+
+    Returns:
+        Dataset named after root, x (N, C, H, W) float32 in [0, 1], files in name order per class.
+
+    Raises:
+        ImportError: Pillow is not installed (pip install 'edgecl[data]').
+        FileNotFoundError: root is not a folder. ValueError: a size below 1. DataError: no class
+            folders (hidden ones are skipped), a class folder without images, an unreadable image, or
+            images of different sizes with size=None.
+    """
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise ImportError("load_image_folder needs Pillow: pip install 'edgecl[data]'") from e
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"image folder {str(root)!r} has no class folders; accepted: root/<class_name>/*.png|jpg")
+    hw = (size, size) if isinstance(size, int) else size
+    if hw is not None and (len(hw) != 2 or min(hw) < 1):
+        raise ValueError(f"size={size!r}; accepted: None, an int >= 1 or (height, width) ints >= 1")
+    images, labels = [], []
+    for label, folder in enumerate(classes):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != ".")
+        if not files:
+            raise DataError(f"class folder {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        for file in files:
+            try:
+                with Image.open(file) as im:
+                    im = im.convert("L" if grayscale else "RGB")
+                    if hw is not None:
+                        im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+                    array = np.asarray(im, np.uint8)
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"image {str(file)!r} is not readable: {e}") from e
+            if images and array.shape != images[0].shape:
+                raise DataError(f"image {str(file)!r} is {array.shape[1]}x{array.shape[0]}, the first image is "
+                                f"{images[0].shape[1]}x{images[0].shape[0]}; pass size= to resize them all")
+            images.append(array)
+            labels.append(label)
+    x = np.stack(images)
+    x = x[:, None] if grayscale else x.transpose(0, 3, 1, 2)
+    return Dataset(root.name, _to_unit_float(x), np.array(labels, np.int64), len(classes))
+
+
+DATASET_SPECS = ("digits", "fashion-mnist", "fashion-mnist:ROOT", "cifar10:PATH", "npz:PATH",
+                 "idx:IMAGES,LABELS", "folder:PATH")
+
+
+def load_dataset(spec: str, split: str = "train") -> Dataset:
+    """Load a data set named by a short spec, e.g. "digits", "cifar10:/data/cifar-10-batches-py".
+
+    Args:
+        spec: one of DATASET_SPECS. split: "train" or "test"; "test" only for the sources with an
+            official test split (fashion-mnist, cifar10).
+
+    Raises:
+        ValueError: an unknown spec (the message lists the accepted forms), a missing path, or
+            split="test" for a source without a test split. Plus whatever the loader raises.
+    """
+    _check_split(split)
+    kind, _, arg = spec.partition(":")
+    path_optional, path_needed = {"fashion-mnist"}, {"cifar10", "npz", "idx", "folder"}
+    if not (kind == "digits" and not arg or kind in path_optional or kind in path_needed and arg):
+        raise ValueError(f"data set spec {spec!r} is unknown; accepted: {', '.join(DATASET_SPECS)}")
+    if kind == "fashion-mnist":
+        return load_fashion_mnist(arg or FASHION_MNIST_ROOT, split)
+    if kind == "cifar10":
+        return load_cifar10(arg, split)
+    if split != "train":
+        raise ValueError(f"data set {spec!r} has no official test split (split={split!r}); accepted: "
+                         f"split='train', then edgecl.runtime.scenarios.train_test_split")
+    if kind == "digits":
+        return load_digits()
+    if kind == "npz":
+        return load_npz(arg)
+    if kind == "folder":
+        return load_image_folder(arg)
+    images, comma, labels = arg.partition(",")
+    if not comma or not images or not labels:
+        raise ValueError(f"data set spec {spec!r} needs two paths; accepted: idx:IMAGES,LABELS")
+    return load_idx(images, labels)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that builds only dicts, lists and numpy arrays: a pickle cannot run code through it."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _safe_globals()
+        if (module, name) not in allowed:
+            raise DataError(f"pickle references {module}.{name}, which a CIFAR-10 batch never needs; accepted: "
+                            f"{', '.join(sorted(f'{m}.{n}' for m, n in allowed))}")
+        return allowed[(module, name)]
+
+
+@functools.lru_cache(maxsize=1)
+def _safe_globals() -> dict:
+    """The globals a CIFAR-10 batch pickle may name: Python 2 (numpy.core) or numpy 2 (numpy._core) paths."""
+    import importlib
+
+    core = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+    multiarray, numeric = (importlib.import_module(f"{core}.{m}") for m in ("multiarray", "numeric"))
+
+    def latin1_encode(text, encoding="latin1"):
+        # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(text, "latin1").
+        if encoding != "latin1":
+            raise DataError(f"pickle calls _codecs.encode with encoding {encoding!r}; accepted: 'latin1'")
+        return text.encode("latin1")
+
+    allowed = {("builtins", "dict"): dict, ("builtins", "list"): list, ("numpy", "ndarray"): np.ndarray,
+               ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+def _cifar_fields(batch, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Check one unpickled batch and return its data (N, 3072) uint8 and labels (N,) int64."""
+    if not isinstance(batch, dict):
+        raise DataError(f"CIFAR-10 batch {str(path)!r} holds a {type(batch).__name__}; accepted: a dict")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"shape {data.shape} dtype {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"CIFAR-10 batch {str(path)!r}: data is {found}; accepted: (N, 3072) uint8")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"CIFAR-10 batch {str(path)!r}: labels are not integers: {e}") from e
+    if labels.shape != (len(data),):
+        raise DataError(f"CIFAR-10 batch {str(path)!r} holds {len(data)} images but labels of shape "
+                        f"{labels.shape}; accepted: one label per image")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"CIFAR-10 batch {str(path)!r}: labels span [{labels.min()}, {labels.max()}]; accepted: 0..9")
+    return data, labels
+
+
+def _to_unit_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1]."""
+    x = pixels.astype(np.float32)
+    x /= 255.0
+    return x
+
+
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    return path
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; accepted: {', '.join(map(repr, SPLITS))}")
