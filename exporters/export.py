@@ -20,6 +20,7 @@ from torch import nn
 
 from edgecl.runtime.manifest import Manifest, file_entries, load_manifest
 
+from .layers import activation_bytes_per_sample, layer_table
 from .quiet import quiet_onnx_export
 from .spec import check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
 
@@ -116,6 +117,9 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
         else:
             from .ort_training import write_ort_training as writer
         files, extra = writer(model, example_input, tmp, params, buffers, mask_arrays, opset=opset, dropout=dropout)
+        # for FLOPs counting and the memory budget on the device, which has no torch
+        extra = {**extra, "layers": layer_table(model, example_input),
+                 "activation_bytes_per_sample": activation_bytes_per_sample(model, example_input)}
         export_inference(_copy_for_export(model), example_input, tmp / "model.onnx", opset)
         state = {f"param::{n}": p.detach().numpy() for n, p in model.named_parameters()}
         state.update({f"mask::{n}": m for n, m in mask_arrays.items()})
