@@ -35,10 +35,29 @@ def _train(args) -> int:
 
 
 def _run(args) -> int:
-    from edgecl.bench.quickstart import format_result, main_job
+    from edgecl.bench.cl_run import JobConfig, format_result, plot_result, run_job
+    from edgecl.runtime.budget import parse_bytes
 
-    result = main_job(args.out, args.model, args.steps, args.batch, args.lr, args.seed)
-    print(json.dumps(dataclasses.asdict(result)) if args.json else format_result(result))
+    if args.buffer is None and args.budget is None:
+        args.buffer = 500
+    job = JobConfig(data=args.data, model=args.model, engine=args.engine, method=args.method,
+                    sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
+                    ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget, epochs=args.epochs,
+                    batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+                    checkpoint_every=args.checkpoint_every)
+    if args.budget is not None:
+        parse_bytes(args.budget)  # fail before exporting anything
+    result, plan = run_job(job, args.out, args.checkpoint, progress=not args.quiet)
+    print(format_result(result))
+    if "model_bytes" in plan:
+        print(f"memory plan (budget {args.budget}): {json.dumps(plan)}")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps({**result.to_dict(), "budget_plan": plan}, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_result(result, args.plot)}")
     return 0
 
 
@@ -46,14 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgecl", description="On-device continual learning runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="main job: export a small CNN, train it without torch, print the losses")
-    p.add_argument("--out", default="out", help="folder for artifacts (default: out)")
+    p = sub.add_parser("run", help="main job: continual learning (default SparCL-DER++ 0.75 on Split Digits)")
+    p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
     p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet", "mobilenet"])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--engine", default="portable", choices=["portable", "ort-training", "torch"])
+    p.add_argument("--method", default="derpp", choices=["finetune", "joint", "er", "derpp"])
+    p.add_argument("--sparsity", type=float, default=0.75, help="SparCL weight sparsity (default 0.75)")
+    p.add_argument("--dense", action="store_true", help="no SparCL: the dense strategy")
+    p.add_argument("--no-tdm", action="store_true", help="ablation: fixed mask, no task-aware updates")
+    p.add_argument("--no-dgm", action="store_true", help="ablation: dense gradients")
+    p.add_argument("--no-ddr", action="store_true", help="ablation: keep all data")
+    p.add_argument("--buffer", type=int, default=None, help="replay buffer size in examples (default 500, or "
+                   "what the --budget leaves)")
+    p.add_argument("--budget", default=None, help="memory budget in bytes, e.g. 2MiB, 500KiB")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per task")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint", default=None, help="folder to checkpoint into and resume from")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: task ends)")
+    p.add_argument("--out", default="out", help="folder for artifacts (default: out)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every metric as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the accuracy matrix and accuracy over time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("export", help="export a model family to training artifacts (host, needs torch)")

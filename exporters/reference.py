@@ -95,6 +95,7 @@ class TorchEngine(Engine):
         loss = (torch.from_numpy(batch.sample_weight) * ce).sum() + (torch.from_numpy(batch.logit_weight) * mse).sum()
         names = list(self.trainable_shapes)
         grads = torch.autograd.grad(loss, [self._params[n] for n in names])
+        self.last_logits = logits.detach().numpy().copy()
         return float(loss.detach()), {n: g.detach().numpy().copy() for n, g in zip(names, grads)}
 
     def _apply_gradients(self, grads):
@@ -118,6 +119,7 @@ class TorchEngine(Engine):
             loss = loss + (torch.from_numpy(b.logit_weight) * mse).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.last_logits = logits.detach().numpy().copy()
         self.optimizer.step()
         self._apply_masks()
         self.steps_done += 1

@@ -130,6 +130,8 @@ class Engine:
         self.trainable_shapes = {p.name: p.shape for p in manifest.parameters if p.trainable}
         self.mask_shapes = {p.name: p.shape for p in manifest.parameters if p.masked}
         self.steps_done = 0
+        # Logits of the last training batch (before that step's update): DER++ stores them.
+        self.last_logits: np.ndarray | None = None
 
     # --- public interface -------------------------------------------------
     def loss_and_grads(self, x, y, sample_weight=None, target_logits=None, logit_weight=None):
@@ -180,13 +182,33 @@ class Engine:
         """Replace the masks of some masked parameters; weights at 0 positions become 0."""
         self._set_masks(check_masks(masks, self.mask_shapes))
 
-    def save(self, path: str | Path) -> Path:
-        """Write parameters, masks, buffers, optimizer state and counters atomically (npz)."""
-        path = Path(path)
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Parameters, masks, buffers, optimizer state and counters as named arrays (see `save`)."""
         arrays = self._state_arrays()
         meta = {"engine": self.name, "steps_done": self.steps_done, "optimizer": self.optimizer_config.to_dict(),
                 "model_name": self.manifest.model_name}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        return arrays
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], source: str = "arrays") -> None:
+        """Restore what `state_arrays` returned. Raises ArtifactError for another engine or model."""
+        arrays = dict(arrays)
+        try:
+            meta = json.loads(arrays.pop("meta").tobytes().decode())
+        except Exception as e:
+            raise ArtifactError(f"engine state {source} has no readable meta ({type(e).__name__}: {e})") from e
+        if meta.get("engine") != self.name:
+            raise ArtifactError(f"engine state {source} was saved by engine {meta.get('engine')!r}; this engine is {self.name!r}")
+        params = {k.split("::", 1)[1]: v for k, v in arrays.items() if k.startswith("param::")}
+        if set(params) != set(self.param_shapes):
+            raise ArtifactError(f"engine state {source} holds parameters of another model")
+        self._load_state_arrays(arrays)
+        self.steps_done = int(meta["steps_done"])
+
+    def save(self, path: str | Path) -> Path:
+        """Write parameters, masks, buffers, optimizer state and counters atomically (npz)."""
+        path = Path(path)
+        arrays = self.state_arrays()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -211,16 +233,9 @@ class Engine:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            meta = json.loads(arrays.pop("meta").tobytes().decode())
-        except Exception as e:  # zipfile, OSError, ValueError, KeyError: all mean a bad file
+        except Exception as e:  # zipfile, OSError, ValueError: all mean a bad file
             raise ArtifactError(f"engine state {str(path)!r} is unreadable ({type(e).__name__}: {e})") from e
-        if meta.get("engine") != self.name:
-            raise ArtifactError(f"engine state {str(path)!r} was saved by engine {meta.get('engine')!r}; this engine is {self.name!r}")
-        params = {k.split("::", 1)[1]: v for k, v in arrays.items() if k.startswith("param::")}
-        if set(params) != set(self.param_shapes):
-            raise ArtifactError(f"engine state {str(path)!r} holds parameters of another model")
-        self._load_state_arrays(arrays)
-        self.steps_done = int(meta["steps_done"])
+        self.load_state_arrays(arrays, repr(str(path)))
 
     # --- for subclasses ---------------------------------------------------
     def _loss_and_grads(self, batch: Batch):

@@ -177,6 +177,7 @@ class OrtTrainingEngine(Engine):
         for layer, old_var in zip(self._batchnorm, old_vars):
             self._update_running_stats(layer, outs, old_var, n)
         grads = {name: self._param(self._graph[name]).grad.copy() for name in self.trainable_shapes}
+        self.last_logits = np.array(outs["logits"])
         return float(outs["loss"]), grads
 
     def _update_running_stats(self, layer: dict, outs: dict, old_var: np.ndarray, n: int) -> None:

@@ -64,6 +64,7 @@ class PortableEngine(Engine):
         for n in self._buffers:
             self._buffers[n] = outs[f"buffer_out::{n}"]
         grads = {n: outs[f"grad::{n}"] for n in self.trainable_shapes}
+        self.last_logits = outs["logits"]
         return float(outs["loss"]), grads
 
     def _apply_gradients(self, grads):

@@ -1,0 +1,170 @@
+"""`edgecl run`: one continual-learning run end to end (export on the host, train with an engine).
+
+The training itself is `edgecl.runtime.loop.run_scenario`, which imports no torch; this
+module adds what the host does around it: pick the data, export (cached), plan memory,
+print a table, write JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgecl.runtime.budget import plan_memory
+from edgecl.runtime.buffer import ReplayBuffer, bytes_per_example
+from edgecl.runtime.loop import RunConfig, RunResult, run_scenario
+from edgecl.runtime.optim import OptimizerConfig
+from edgecl.runtime.scenarios import Scenario, digits_scenario, fashion_mnist_scenario
+from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
+
+DATASETS = ("digits", "fashion-mnist")
+ENGINES = ("portable", "ort-training", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Everything `edgecl run` takes (defaults: SparCL-DER++ 0.75 on Split Digits, portable engine)."""
+
+    data: str = "digits"
+    model: str = "cnn"
+    engine: str = "portable"
+    method: str = "derpp"
+    sparsity: float | None = 0.75
+    tdm: bool = True
+    dgm: bool = True
+    ddr: bool = True
+    buffer: int | None = 500
+    budget: str | None = None
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.03
+    seed: int = 0
+    threads: int | None = 2
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if self.data not in DATASETS:
+            raise ValueError(f"data={self.data!r}; accepted: {', '.join(DATASETS)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}; accepted: {', '.join(ENGINES)}")
+        if self.sparsity is not None and self.method in ("finetune", "joint"):
+            raise ValueError(f"SparCL (sparsity={self.sparsity}) runs on er or derpp, not {self.method!r}; "
+                             "pass --dense for fine-tuning and joint training")
+        if self.buffer is not None and self.buffer < 1:
+            raise ValueError(f"buffer={self.buffer}; accepted: >= 1 examples (or give --budget)")
+
+    def strategy(self) -> StrategyConfig:
+        sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr)
+        return StrategyConfig(Method(self.method), replay_batch=self.batch_size, sparcl=sparcl)
+
+
+def load_scenario(name: str, seed: int = 0) -> Scenario:
+    return digits_scenario(seed) if name == "digits" else fashion_mnist_scenario()
+
+
+def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[object, Path]:
+    import torch
+
+    from edgecl.exporters import build_model, export
+
+    model = build_model(job.model, scenario.input_shape, scenario.num_classes, seed=job.seed)
+    engine = "portable" if job.engine == "torch" else job.engine
+    key = hashlib.sha256(json.dumps([job.model, scenario.input_shape, scenario.num_classes, job.seed, engine]).encode())
+    folder = out_dir / "artifacts" / f"{job.model}-{engine}-{key.hexdigest()[:10]}"
+    if not (folder / "manifest.json").exists():
+        export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine, masks="weights")
+    return model, folder
+
+
+def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True) -> tuple[RunResult, dict]:
+    """Export (cached), plan memory, build the strategy and run it. Returns (result, plan dict)."""
+    from edgecl.exporters.reference import TorchEngine
+    from edgecl.runtime import open_engine
+
+    out_dir = Path(out_dir)
+    scenario = load_scenario(job.data, job.seed)
+    model, folder = _export_cached(job, scenario, out_dir)
+    optimizer = OptimizerConfig("sgd", lr=job.lr)
+    engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"
+              else open_engine(folder, optimizer, threads=job.threads))
+    strategy = job.strategy()
+    replay = (2 if strategy.method is Method.DERPP else 1) * job.batch_size if strategy.uses_buffer else 0
+    plan = None
+    capacity = job.buffer if strategy.uses_buffer else 0
+    if job.budget is not None:
+        plan = plan_memory(engine.manifest, job.budget, job.batch_size, optimizer, replay_batch_size=replay,
+                           store_logits=strategy.method is Method.DERPP)
+        if strategy.uses_buffer:
+            if job.buffer is None:
+                capacity = plan.replay_capacity
+            elif job.buffer > plan.replay_capacity:
+                raise ValueError(f"buffer={job.buffer} examples does not fit the budget {job.budget}: it leaves room "
+                                 f"for {plan.replay_capacity} ({plan.replay_example_bytes} B each)\n{plan.table()}")
+    elif strategy.uses_buffer and job.buffer is None:
+        raise ValueError("give --buffer N (examples) or --budget BYTES for a replay strategy")
+    rng = np.random.default_rng(job.seed)
+    buffer = (ReplayBuffer(capacity, scenario.input_shape, scenario.num_classes, np.random.default_rng([job.seed, 1]),
+                           store_logits=strategy.method is Method.DERPP) if strategy.uses_buffer else None)
+    learner = Learner(engine, strategy, buffer, rng)
+    config = RunConfig(job.epochs, job.batch_size, job.seed, job.checkpoint_every)
+    plan_dict = plan.to_dict() if plan is not None else {
+        "buffer_examples": capacity,
+        "buffer_bytes": capacity * bytes_per_example(scenario.input_shape, scenario.num_classes,
+                                                     strategy.method is Method.DERPP)}
+    extra = {"job": dataclasses.asdict(job), "label": strategy.label, "budget_plan": plan_dict}
+    result = run_scenario(scenario, learner, config, checkpoint_dir, progress, extra)
+    return result, plan_dict
+
+
+def format_result(result: RunResult) -> str:
+    """The accuracy matrix and the headline metrics as a terminal table."""
+    r = np.array(result.acc_matrix)
+    t = len(r)
+    lines = [f"accuracy after each task (class-IL, %), {result.config.get('label', '')}",
+             "after  " + "".join(f"  task{i + 1:<2}" for i in range(t))]
+    for i in range(t):
+        lines.append(f"task{i + 1:<3}" + "".join(f"{100 * v:>8.1f}" for v in r[i]))
+    ratio = result.dense_train_flops / result.train_flops if result.train_flops else float("nan")
+    lines += ["",
+              f"ACC (class-IL)     {100 * result.acc:6.2f} %      task-IL {100 * result.task_il_acc:6.2f} %",
+              f"BWT                {100 * result.bwt:6.2f}        forgetting {100 * result.forgetting:6.2f}",
+              f"FWT                {100 * result.fwt:6.2f}",
+              f"training FLOPs     {result.train_flops:.3e}  (dense {result.dense_train_flops:.3e}, {ratio:.2f}x fewer)",
+              f"steps              {result.steps}",
+              f"peak RSS           {result.peak_rss_bytes / 2**20:.1f} MiB" if result.peak_rss_bytes else "peak RSS  n/a",
+              f"wall time          {result.wall_s:.1f} s" + ("  (resumed)" if result.resumed else "")]
+    return "\n".join(lines)
+
+
+def plot_result(result: RunResult, path) -> Path:
+    """PNG: the accuracy matrix as a heat map and accuracy per task over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = 100 * np.array(result.acc_matrix)
+    t = len(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    im = ax1.imshow(r, vmin=0, vmax=100, cmap="viridis")
+    for i in range(t):
+        for j in range(t):
+            ax1.text(j, i, f"{r[i, j]:.0f}", ha="center", va="center", color="w" if r[i, j] < 60 else "k", fontsize=8)
+    ax1.set(xticks=range(t), yticks=range(t), xticklabels=[f"T{j + 1}" for j in range(t)],
+            yticklabels=[f"after T{i + 1}" for i in range(t)], title="accuracy matrix R[t][i] (%)")
+    fig.colorbar(im, ax=ax1, fraction=0.046)
+    for j in range(t):
+        ax2.plot(range(j + 1, t + 1), r[j:, j], marker="o", label=f"task {j + 1}")
+    ax2.plot(range(1, t + 1), [r[i, : i + 1].mean() for i in range(t)], "k--", lw=2, label="mean of seen")
+    ax2.set(xlabel="after training task", ylabel="accuracy (%)", ylim=(0, 100), xticks=range(1, t + 1),
+            title=f"{result.config.get('label', '')}: accuracy per task over time")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,283 @@
+"""Continual-learning strategies over any engine: fine-tuning, joint, ER, DER++, and SparCL on ER / DER++.
+
+One class, `Learner`, reads top to bottom: `begin_task`, `observe` (one optimizer step on a
+stream batch plus replay), `begin_epoch` (SparCL's mask updates and data removal), and
+`end_task`. It composes an engine, a replay buffer, masks (TDM), gradient masks (DGM) and
+forgetting statistics (DDR); the math lives in `edgecl.runtime.sparcl`.
+
+Losses (Buzzega et al., NeurIPS 2020, "Dark Experience for General Continual Learning"):
+- ER:    mean CE over the stream batch and a replayed batch, concatenated;
+- DER++: CE(stream) + alpha * MSE(logits(buf1), stored logits(buf1)) + beta * CE(buf2).
+SparCL (Wang et al., NeurIPS 2022) adds TDM, DGM and DDR, each switchable for ablations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from enum import Enum
+
+import numpy as np
+
+from .buffer import ReplayBuffer
+from .engine import Engine
+from .flops import dense_training_flops, training_flops
+from .sparcl import (DDRSchedule, DGM, ForgettingTracker, TDMSchedule, ddr_schedule, initial_mask, prune_and_regrow,
+                     select_removal, tdm_schedule)
+
+
+class Method(str, Enum):
+    FINETUNE = "finetune"
+    JOINT = "joint"
+    ER = "er"
+    DERPP = "derpp"
+
+
+@dataclasses.dataclass(frozen=True)
+class SparCLConfig:
+    """SparCL switches and knobs (released-code defaults).
+
+    Args:
+        sparsity: fraction of each masked weight tensor that is zero (0.75 / 0.90 / 0.95).
+        tdm / dgm / ddr: task-aware dynamic masking, dynamic gradient masking, dynamic data removal.
+        grad_density: fraction of each gradient kept by DGM; dgm_every: steps between recomputations.
+        dense_first_last: keep the first layer (stem) and the classifier dense, as SparCL allows.
+    """
+
+    sparsity: float = 0.75
+    tdm: bool = True
+    dgm: bool = True
+    ddr: bool = True
+    grad_density: float = 0.2
+    dgm_every: int = 30
+    tdm_schedule: TDMSchedule = TDMSchedule()
+    ddr_schedule: DDRSchedule = DDRSchedule()
+    dense_first_last: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity={self.sparsity!r}; accepted: 0 <= sparsity < 1 (e.g. 0.75, 0.9)")
+        if not 0.0 < self.grad_density <= 1.0:
+            raise ValueError(f"grad_density={self.grad_density!r}; accepted: in (0, 1]")
+        if isinstance(self.tdm_schedule, dict):
+            object.__setattr__(self, "tdm_schedule", TDMSchedule.from_dict(self.tdm_schedule))
+        if isinstance(self.ddr_schedule, dict):
+            object.__setattr__(self, "ddr_schedule", DDRSchedule.from_dict(self.ddr_schedule))
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyConfig:
+    """Which strategy, its replay batch and DER++ weights, and SparCL on top (None: dense).
+
+    Raises:
+        ValueError: unknown method, negative weights, SparCL on fine-tuning or joint.
+    """
+
+    method: Method = Method.DERPP
+    replay_batch: int = 32
+    alpha: float = 0.1
+    beta: float = 0.5
+    sparcl: SparCLConfig | None = None
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "method", Method(self.method))
+        except ValueError:
+            raise ValueError(f"method={self.method!r}; accepted: {', '.join(m.value for m in Method)}") from None
+        if isinstance(self.sparcl, dict):
+            object.__setattr__(self, "sparcl", SparCLConfig(**self.sparcl))
+        if self.replay_batch < 1 or self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"replay_batch={self.replay_batch}, alpha={self.alpha}, beta={self.beta}; "
+                             "accepted: replay_batch >= 1, alpha >= 0, beta >= 0")
+
+    @property
+    def uses_buffer(self) -> bool:
+        return self.method in (Method.ER, Method.DERPP)
+
+    @property
+    def label(self) -> str:
+        base = {"finetune": "Fine-tune", "joint": "Joint", "er": "ER", "derpp": "DER++"}[self.method.value]
+        if self.sparcl is None:
+            return base
+        s = self.sparcl
+        parts = [name for name, on in (("TDM", s.tdm), ("DGM", s.dgm), ("DDR", s.ddr)) if not on]
+        off = f" w/o {'+'.join(parts)}" if parts else ""
+        return f"SparCL-{base} {s.sparsity:.2f}{off}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method.value
+        return d
+
+
+class Learner:
+    """One strategy on one engine. The loop calls begin_task, begin_epoch, observe, end_task.
+
+    Args:
+        engine: any engine (portable, ort-training, torch reference); exported with masks on
+            the weights SparCL sparsifies.
+        config: the strategy. buffer: the replay buffer (ER / DER++), else None.
+        rng: generator for masks' regrowth and replay sampling order.
+    """
+
+    def __init__(self, engine: Engine, config: StrategyConfig, buffer: ReplayBuffer | None, rng: np.random.Generator):
+        if config.uses_buffer and buffer is None:
+            raise ValueError(f"{config.method.value} replays examples: pass a ReplayBuffer")
+        self.engine, self.config, self.buffer, self.rng = engine, config, buffer, rng
+        layers = engine.manifest.extra.get("layers", [])
+        self.layers = layers
+        sparse = [name for name in engine.manifest.masked_names]
+        if config.sparcl is not None and config.sparcl.dense_first_last and layers:
+            keep_dense = {layers[0]["weight"], layers[-1]["weight"]}
+            sparse = [name for name in sparse if name not in keep_dense]
+        if config.sparcl is not None and not sparse:
+            raise ValueError("SparCL needs masked weights: export with masks='weights'")
+        self.sparse_names = sparse if config.sparcl is not None else []
+        self.dgm = (DGM(config.sparcl.grad_density, config.sparcl.dgm_every, self.sparse_names)
+                    if config.sparcl is not None and config.sparcl.dgm else None)
+        self.task = -1
+        self.step = 0
+        self.tracker: ForgettingTracker | None = None
+        self.active: np.ndarray | None = None  # bool (n,), examples of the task still trained on
+        self.last_grads: dict[str, np.ndarray] = {}
+        self.train_flops = 0.0
+        self.dense_train_flops = 0.0
+        self._refresh_flops()
+
+    # --- task and epoch boundaries -----------------------------------------------------
+    def begin_task(self, task: int, n_examples: int) -> None:
+        """Restart SparCL's schedules and statistics for a task of `n_examples` training examples."""
+        self.task = task
+        self.active = np.ones(n_examples, bool)
+        self.tracker = ForgettingTracker(n_examples) if self._sparcl_on("ddr") else None
+        if self.dgm is not None:
+            self.dgm.reset()
+
+    def begin_epoch(self, epoch: int, epochs_per_task: int) -> None:
+        """SparCL's per-epoch work: mask update (TDM) and data removal (DDR) at scheduled epochs."""
+        s = self.config.sparcl
+        if s is None:
+            return
+        if epoch == 0 and self.task == 0:  # the first sparse mask: magnitude top-k
+            density = 1.0 - s.sparsity
+            params = self.engine.parameters()
+            self.engine.set_masks({n: initial_mask(params[n], density, self.rng) for n in self.sparse_names})
+        elif s.tdm and epoch in tdm_schedule(epochs_per_task, s.tdm_schedule) and self.last_grads:
+            params, masks = self.engine.parameters(), self.engine.masks()
+            self.engine.set_masks({
+                n: prune_and_regrow(params[n], self.last_grads[n], masks[n], 1.0 - s.sparsity,
+                                    s.tdm_schedule.prune_ratio, self.rng)
+                for n in self.sparse_names})
+        if s.ddr and self.tracker is not None:
+            fraction = ddr_schedule(epochs_per_task, s.ddr_schedule).get(epoch)
+            if fraction:
+                drop = select_removal(self.tracker.events, self.tracker.ever_learned, fraction, self.active)
+                self.active[drop] = False
+                self.tracker.reset()
+        self._refresh_flops()
+
+    def end_task(self) -> None:
+        """Nothing to consolidate: replay happens online in `observe`."""
+
+    # --- one step -----------------------------------------------------------------------
+    def observe(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray) -> float:
+        """One optimizer step on a stream batch (rows `indices` of the current task) plus replay.
+
+        Returns:
+            the loss before the step.
+        """
+        n = len(x)
+        c = self.config
+        xs, ys, sw, tl, lw = [x], [y], [np.full(n, 1.0 / n, np.float32)], [np.zeros((n, self.k), np.float32)], [
+            np.zeros(n, np.float32)]
+        if c.uses_buffer and len(self.buffer) > 0:
+            m = min(c.replay_batch, len(self.buffer))
+            if c.method is Method.ER:
+                bx, by, _, _, _ = self.buffer.sample(m)
+                total = n + m
+                sw = [np.full(n, 1.0 / total, np.float32), np.full(m, 1.0 / total, np.float32)]
+                xs.append(bx)
+                ys.append(by)
+                tl.append(np.zeros((m, self.k), np.float32))
+                lw.append(np.zeros(m, np.float32))
+            else:
+                bx1, by1, bl1, _, _ = self.buffer.sample(m)
+                bx2, by2, _, _, _ = self.buffer.sample(m)
+                xs += [bx1, bx2]
+                ys += [by1, by2]
+                sw += [np.zeros(m, np.float32), np.full(m, c.beta / m, np.float32)]
+                tl += [bl1, np.zeros((m, self.k), np.float32)]
+                lw += [np.full(m, c.alpha / m, np.float32), np.zeros(m, np.float32)]
+        batch_x = np.concatenate(xs) if len(xs) > 1 else x
+        batch_y = np.concatenate(ys) if len(ys) > 1 else y
+        loss, grads = self.engine.loss_and_grads(batch_x, batch_y, np.concatenate(sw), np.concatenate(tl),
+                                                 np.concatenate(lw))
+        stream_logits = self.engine.last_logits[:n]
+        if self.sparse_names:
+            self.last_grads = {name: grads[name] for name in self.sparse_names}
+        if self.dgm is not None:
+            grads = self.dgm.apply(self.step, grads)
+        self.engine.apply_gradients(grads)
+        if self.tracker is not None:
+            self.tracker.update(indices, stream_logits.argmax(1) == y)
+        if c.uses_buffer:
+            self.buffer.add(x, y, stream_logits.astype(np.float32) if self.buffer.store_logits else None,
+                            task=self.task)
+        self.step += 1
+        samples = len(batch_x)
+        self.train_flops += samples * self._flops_per_sample
+        self.dense_train_flops += samples * self._dense_flops_per_sample
+        return loss
+
+    @property
+    def k(self) -> int:
+        return self.engine.manifest.num_classes
+
+    def _sparcl_on(self, switch: str) -> bool:
+        return self.config.sparcl is not None and getattr(self.config.sparcl, switch)
+
+    def _refresh_flops(self) -> None:
+        """FLOPs per sample under the current weight and gradient densities (SparCL's counting)."""
+        if not self.layers:
+            self._flops_per_sample = self._dense_flops_per_sample = 0.0
+            return
+        masks = self.engine.masks()
+        weight_density = {n: float(masks[n].mean()) for n in self.sparse_names}
+        grad_density = {n: self.dgm.density for n in self.sparse_names} if self.dgm is not None else None
+        frozen = {p.name for p in self.engine.manifest.parameters if not p.trainable}
+        frozen &= {row["weight"] for row in self.layers}
+        self._flops_per_sample = training_flops(self.layers, 1, weight_density, grad_density, frozen).total
+        self._dense_flops_per_sample = dense_training_flops(self.layers, 1, frozen).total
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Learner state for a checkpoint (the engine and buffer save their own)."""
+        meta = {"task": self.task, "step": self.step, "train_flops": self.train_flops,
+                "dense_train_flops": self.dense_train_flops, "rng": self.rng.bit_generator.state}
+        out = {"learner::meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+        if self.active is not None:
+            out["learner::active"] = self.active
+        if self.tracker is not None:
+            for name in ("last_correct", "events", "ever_learned", "presentations"):
+                out[f"learner::tracker::{name}"] = getattr(self.tracker, name)
+        for name, g in self.last_grads.items():
+            out[f"learner::last_grad::{name}"] = g
+        if self.dgm is not None:
+            for name, m in self.dgm.masks.items():
+                out[f"learner::dgm::{name}"] = m
+        return out
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        meta = json.loads(arrays["learner::meta"].tobytes().decode())
+        self.task, self.step = meta["task"], meta["step"]
+        self.train_flops, self.dense_train_flops = meta["train_flops"], meta["dense_train_flops"]
+        self.rng.bit_generator.state = meta["rng"]
+        self.active = arrays.get("learner::active")
+        if "learner::tracker::events" in arrays:
+            self.tracker = ForgettingTracker(len(arrays["learner::tracker::events"]))
+            for name in ("last_correct", "events", "ever_learned", "presentations"):
+                setattr(self.tracker, name, arrays[f"learner::tracker::{name}"].copy())
+        self.last_grads = {k.split("::", 2)[2]: v for k, v in arrays.items() if k.startswith("learner::last_grad::")}
+        if self.dgm is not None:
+            self.dgm.masks = {k.split("::", 2)[2]: v for k, v in arrays.items() if k.startswith("learner::dgm::")}
+        self._refresh_flops()
