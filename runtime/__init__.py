@@ -1,12 +1,22 @@
 """edgecl.runtime: the on-device side. Imports only numpy and onnxruntime, never torch."""
 
+from .budget import MemoryPlan, parse_bytes, peak_rss_bytes, plan_memory
+from .buffer import ReplayBuffer
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import Dataset, load_dataset
 from .engine import Batch, Engine
 from .errors import ArtifactError, BatchError, EdgeclError, UnsupportedModelError
+from .loop import RunConfig, RunResult, run_scenario
 from .manifest import Manifest, TensorSpec, load_manifest
 from .optim import OptimizerConfig, OptimizerKind
 from .open import open_engine
+from .scenarios import Scenario, Task, permuted_scenario, split_scenario
+from .strategies import Learner, Method, SparCLConfig, StrategyConfig
 
 __all__ = [
-    "ArtifactError", "Batch", "BatchError", "EdgeclError", "Engine", "Manifest", "OptimizerConfig",
-    "OptimizerKind", "TensorSpec", "UnsupportedModelError", "load_manifest", "open_engine",
+    "ArtifactError", "Batch", "BatchError", "Checkpoint", "Dataset", "EdgeclError", "Engine", "Learner", "Manifest",
+    "MemoryPlan", "Method", "OptimizerConfig", "OptimizerKind", "ReplayBuffer", "RunConfig", "RunResult", "Scenario",
+    "SparCLConfig", "StrategyConfig", "Task", "TensorSpec", "UnsupportedModelError", "load_checkpoint",
+    "load_dataset", "load_manifest", "open_engine", "parse_bytes", "peak_rss_bytes", "permuted_scenario",
+    "plan_memory", "run_scenario", "save_checkpoint", "split_scenario",
 ]
