@@ -17,7 +17,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_step)
+
+    p = sub.add_parser("run", help="a matrix of continual-learning runs (strategies x seeds), resumable")
+    p.add_argument("--strategies", default="finetune,er,derpp,sparcl-er-0.75,sparcl-derpp-0.75,sparcl-er-0.90,"
+                   "sparcl-derpp-0.90", help="comma-separated names (see edgecl.bench.matrix.STRATEGIES)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--data", default="fashion-mnist", choices=["digits", "fashion-mnist"])
+    p.add_argument("--epochs", type=int, default=3, help="epochs per task")
+    p.add_argument("--buffer", type=int, default=500)
+    p.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each")
+    p.add_argument("--out", default="results/fmnist")
+    p.set_defaults(func=_matrix)
+
+    p = sub.add_parser("summary", help="mean and spread over seeds of a `bench run` folder, as Markdown or JSON")
+    p.add_argument("out", nargs="?", default="results/fmnist")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_summary)
     return parser
+
+
+def _matrix(args) -> int:
+    from edgecl.bench.matrix import markdown_table, run_matrix, summarize
+
+    run_matrix(args.strategies.split(","), [int(s) for s in args.seeds.split(",")], args.out, args.data,
+               args.epochs, args.buffer, args.workers)
+    print(markdown_table(summarize(args.out)))
+    return 0
+
+
+def _summary(args) -> int:
+    import json
+
+    from edgecl.bench.matrix import markdown_table, summarize
+
+    rows = summarize(args.out)
+    print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
+    return 0
 
 
 def _step(args) -> int:
@@ -33,7 +68,11 @@ def _step(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"bench {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ print a table, write JSON and a plot.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -75,8 +76,11 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
     engine = "portable" if job.engine == "torch" else job.engine
     key = hashlib.sha256(json.dumps([job.model, scenario.input_shape, scenario.num_classes, job.seed, engine]).encode())
     folder = out_dir / "artifacts" / f"{job.model}-{engine}-{key.hexdigest()[:10]}"
-    if not (folder / "manifest.json").exists():
-        export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine, masks="weights")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # runs side by side (bench run) export once, not into each other
+        if not (folder / "manifest.json").exists():
+            export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine, masks="weights")
     return model, folder
 
 

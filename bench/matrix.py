@@ -1,0 +1,126 @@
+"""`bench run` and `bench summary`: a matrix of continual-learning runs and its table.
+
+Each cell of the matrix (strategy x seed) is one `edgecl run` in its own process with one
+thread, so cells run side by side on a multi-core host and a crash or kill loses one cell
+at most; a cell whose JSON exists is skipped, so re-running the command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# name -> `edgecl run` arguments; the matrix of the README (Split Fashion-MNIST, buffer 500).
+STRATEGIES = {
+    "finetune": ["--method", "finetune", "--dense"],
+    "joint": ["--method", "joint", "--dense"],
+    "er": ["--method", "er", "--dense"],
+    "derpp": ["--method", "derpp", "--dense"],
+    "sparcl-er-0.75": ["--method", "er", "--sparsity", "0.75"],
+    "sparcl-derpp-0.75": ["--method", "derpp", "--sparsity", "0.75"],
+    "sparcl-er-0.90": ["--method", "er", "--sparsity", "0.90"],
+    "sparcl-derpp-0.90": ["--method", "derpp", "--sparsity", "0.90"],
+    "sparcl-derpp-0.75-no-tdm": ["--method", "derpp", "--sparsity", "0.75", "--no-tdm"],
+    "sparcl-derpp-0.75-no-dgm": ["--method", "derpp", "--sparsity", "0.75", "--no-dgm"],
+    "sparcl-derpp-0.75-no-ddr": ["--method", "derpp", "--sparsity", "0.75", "--no-ddr"],
+    "sparcl-derpp-0.75-torch": ["--method", "derpp", "--sparsity", "0.75", "--engine", "torch"],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    strategy: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-seed{self.seed}"
+
+
+def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: int = 3, buffer: int = 500,
+               workers: int = 2, progress: bool = True) -> list[Path]:
+    """Run every (strategy, seed) cell not yet done; returns the JSON paths of all cells.
+
+    Raises:
+        ValueError: an unknown strategy name, workers < 1.
+        RuntimeError: a cell failed (its log is named; the others still ran).
+    """
+    from tqdm import tqdm
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"strategies {unknown} are unknown; accepted: {', '.join(STRATEGIES)}")
+    if workers < 1:
+        raise ValueError(f"workers={workers}; accepted: >= 1")
+    out_dir = Path(out_dir)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    cells = [Cell(s, seed) for seed in seeds for s in strategies]  # seed-major: a first full table comes early
+    todo = [c for c in cells if not (out_dir / "runs" / f"{c.name}.json").exists()]
+    running: dict[Cell, subprocess.Popen] = {}
+    failed = []
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="run", disable=not progress)
+    while todo or running:
+        while todo and len(running) < workers:
+            cell = todo.pop(0)
+            args = [sys.executable, "-m", "edgecl.bench.edgecl_cli", "run", "--data", data, "--epochs", str(epochs),
+                    "--buffer", str(buffer), "--seed", str(cell.seed), "--threads", "1", "--quiet",
+                    "--out", str(out_dir), "--json", str(out_dir / "runs" / f"{cell.name}.json"),
+                    "--checkpoint", str(out_dir / "ckpt" / cell.name), *STRATEGIES[cell.strategy]]
+            log = open(out_dir / "runs" / f"{cell.name}.log", "w")
+            running[cell] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(0.5)
+        for cell, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[cell]
+                bar.update(1)
+                if proc.returncode != 0:
+                    failed.append(cell.name)
+    bar.close()
+    if failed:
+        raise RuntimeError(f"cells failed: {failed}; see {out_dir / 'runs'}/<cell>.log")
+    return [out_dir / "runs" / f"{c.name}.json" for c in cells]
+
+
+def summarize(out_dir, reference: str = "derpp") -> list[dict]:
+    """Mean and standard deviation over seeds of each strategy's metrics, FLOPs relative to `reference`."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(Path(out_dir, "runs").glob("*.json")):
+        strategy = path.stem.rsplit("-seed", 1)[0]
+        runs.setdefault(strategy, []).append(json.loads(path.read_text()))
+    ref_flops = np.mean([r["train_flops"] for r in runs.get(reference, [])]) if reference in runs else None
+    rows = []
+    for strategy in [s for s in STRATEGIES if s in runs]:
+        rs = runs[strategy]
+
+        def stat(key, scale=1.0):
+            v = np.array([r[key] for r in rs], float) * scale
+            return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+        flops = np.mean([r["train_flops"] for r in rs])
+        rows.append({"strategy": strategy, "label": rs[0]["config"].get("label", strategy), "seeds": len(rs),
+                     "acc": stat("acc", 100), "task_il_acc": stat("task_il_acc", 100),
+                     "forgetting": stat("forgetting", 100), "bwt": stat("bwt", 100),
+                     "flops_vs_reference": float(flops / ref_flops) if ref_flops else None,
+                     "fewer_flops_than_reference": float(ref_flops / flops) if ref_flops else None,
+                     "peak_rss_mib": stat("peak_rss_bytes", 1 / 2**20), "wall_s": stat("wall_s")})
+    return rows
+
+
+def markdown_table(rows: list[dict], reference: str = "DER++") -> str:
+    head = (f"| strategy | seeds | ACC class-IL (%) | ACC task-IL (%) | forgetting (%) | training FLOPs vs dense "
+            f"{reference} | peak RSS (MiB) | wall (s) |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        f = r["flops_vs_reference"]
+        flops = "n/a" if f is None else f"{f:.2f}x ({r['fewer_flops_than_reference']:.1f}x fewer)" if f < 0.999 else f"{f:.2f}x"
+        lines.append(f"| {r['label']} | {r['seeds']} | {r['acc'][0]:.2f} ± {r['acc'][1]:.2f} | "
+                     f"{r['task_il_acc'][0]:.2f} ± {r['task_il_acc'][1]:.2f} | "
+                     f"{r['forgetting'][0]:.2f} ± {r['forgetting'][1]:.2f} | {flops} | "
+                     f"{r['peak_rss_mib'][0]:.0f} | {r['wall_s'][0]:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""`bench run` (a resumable matrix of runs) and `bench summary` on Split Digits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgecl.bench import bench_cli
+from edgecl.bench.matrix import markdown_table, run_matrix, summarize
+
+
+def test_matrix_runs_resumes_and_summarizes(tmp_path, capsys):
+    out = tmp_path / "m"
+    paths = run_matrix(["finetune", "derpp"], [0, 1], out, data="digits", epochs=1, buffer=50, workers=2,
+                       progress=False)
+    assert all(p.exists() for p in paths) and len(paths) == 4
+    stamp = {p: p.stat().st_mtime_ns for p in paths}
+    run_matrix(["finetune", "derpp"], [0, 1], out, data="digits", epochs=1, buffer=50, workers=2, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in paths} == stamp  # done cells are skipped
+    rows = summarize(out)
+    assert [r["strategy"] for r in rows] == ["finetune", "derpp"]
+    derpp = rows[1]
+    assert derpp["seeds"] == 2 and derpp["flops_vs_reference"] == pytest.approx(1.0)
+    assert 0 <= derpp["acc"][0] <= 100 and derpp["acc"][1] >= 0
+    assert "| DER++ | 2 |" in markdown_table(rows)
+    assert bench_cli.main(["summary", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["strategy"] == "finetune"
+
+
+def test_matrix_refuses_unknown_strategy(tmp_path, capsys):
+    with pytest.raises(ValueError, match="'ewc'"):
+        run_matrix(["ewc"], [0], tmp_path)
+    assert bench_cli.main(["run", "--strategies", "ewc", "--out", str(tmp_path)]) == 2
+    assert "ewc" in capsys.readouterr().err
