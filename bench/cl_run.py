@@ -23,6 +23,8 @@ from edgecl.runtime.scenarios import Scenario, digits_scenario, fashion_mnist_sc
 from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
 
 DATASETS = ("digits", "fashion-mnist")
+# Digits has ~290 training examples a task (9 batches an epoch): more epochs and a larger step.
+DATA_DEFAULTS = {"digits": {"epochs": 20, "lr": 0.1}, "fashion-mnist": {"epochs": 5, "lr": 0.03}}
 ENGINES = ("portable", "ort-training", "torch")
 
 
@@ -84,8 +86,12 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
     return model, folder
 
 
-def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True) -> tuple[RunResult, dict]:
-    """Export (cached), plan memory, build the strategy and run it. Returns (result, plan dict)."""
+def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True):
+    """Export (cached), plan memory, build the strategy and run it.
+
+    Returns:
+        (RunResult, the plan as a dict, the MemoryPlan or None when no budget was given).
+    """
     from edgecl.exporters.reference import TorchEngine
     from edgecl.runtime import open_engine
 
@@ -120,8 +126,10 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
         "buffer_bytes": capacity * bytes_per_example(scenario.input_shape, scenario.num_classes,
                                                      strategy.method is Method.DERPP)}
     extra = {"job": dataclasses.asdict(job), "label": strategy.label, "budget_plan": plan_dict}
+    if plan is not None and progress:
+        print(plan.table(), flush=True)
     result = run_scenario(scenario, learner, config, checkpoint_dir, progress, extra)
-    return result, plan_dict
+    return result, plan_dict, plan
 
 
 def format_result(result: RunResult) -> str:

@@ -38,8 +38,12 @@ def _run(args) -> int:
     from edgecl.bench.cl_run import JobConfig, format_result, plot_result, run_job
     from edgecl.runtime.budget import parse_bytes
 
+    from edgecl.bench.cl_run import DATA_DEFAULTS
+
     if args.buffer is None and args.budget is None:
         args.buffer = 500
+    args.epochs = DATA_DEFAULTS[args.data]["epochs"] if args.epochs is None else args.epochs
+    args.lr = DATA_DEFAULTS[args.data]["lr"] if args.lr is None else args.lr
     job = JobConfig(data=args.data, model=args.model, engine=args.engine, method=args.method,
                     sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
                     ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget, epochs=args.epochs,
@@ -47,10 +51,12 @@ def _run(args) -> int:
                     checkpoint_every=args.checkpoint_every)
     if args.budget is not None:
         parse_bytes(args.budget)  # fail before exporting anything
-    result, plan = run_job(job, args.out, args.checkpoint, progress=not args.quiet)
+    result, plan, memory_plan = run_job(job, args.out, args.checkpoint, progress=not args.quiet)
     print(format_result(result))
-    if "model_bytes" in plan:
-        print(f"memory plan (budget {args.budget}): {json.dumps(plan)}")
+    if memory_plan is not None and result.peak_rss_bytes:
+        print(f"memory plan total {memory_plan.total_bytes:,} B of budget {memory_plan.budget_bytes:,} B "
+              f"(buffer {memory_plan.replay_capacity} examples); measured peak RSS of the whole process "
+              f"{result.peak_rss_bytes:,} B (Python, numpy and ONNX Runtime included)")
     if args.json:
         from pathlib import Path
 
@@ -78,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer", type=int, default=None, help="replay buffer size in examples (default 500, or "
                    "what the --budget leaves)")
     p.add_argument("--budget", default=None, help="memory budget in bytes, e.g. 2MiB, 500KiB")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per task")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: 20 on digits, 5 on "
+                   "fashion-mnist)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1 on digits, whose tasks "
+                   "have 9 batches an epoch; 0.03 on fashion-mnist, SparCL's value)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint", default=None, help="folder to checkpoint into and resume from")
