@@ -19,7 +19,9 @@ from edgecl.runtime.budget import plan_memory
 from edgecl.runtime.buffer import ReplayBuffer, bytes_per_example
 from edgecl.runtime.loop import RunConfig, RunResult, run_scenario
 from edgecl.runtime.optim import OptimizerConfig
-from edgecl.runtime.scenarios import Scenario, digits_scenario, fashion_mnist_scenario
+from edgecl.runtime.data import load_digits, load_fashion_mnist
+from edgecl.runtime.scenarios import (Scenario, digits_scenario, fashion_mnist_scenario, permuted_scenario,
+                                      train_test_split)
 from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
 
 DATASETS = ("digits", "fashion-mnist")
@@ -33,6 +35,7 @@ class JobConfig:
     """Everything `edgecl run` takes (defaults: SparCL-DER++ 0.75 on Split Digits, portable engine)."""
 
     data: str = "digits"
+    scenario: str = "split"
     model: str = "cnn"
     engine: str = "portable"
     method: str = "derpp"
@@ -52,6 +55,8 @@ class JobConfig:
     def __post_init__(self):
         if self.data not in DATASETS:
             raise ValueError(f"data={self.data!r}; accepted: {', '.join(DATASETS)}")
+        if self.scenario not in ("split", "permuted"):
+            raise ValueError(f"scenario={self.scenario!r}; accepted: split, permuted")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}; accepted: {', '.join(ENGINES)}")
         if self.sparsity is not None and self.method in ("finetune", "joint"):
@@ -65,8 +70,15 @@ class JobConfig:
         return StrategyConfig(Method(self.method), replay_batch=self.batch_size, sparcl=sparcl)
 
 
-def load_scenario(name: str, seed: int = 0) -> Scenario:
-    return digits_scenario(seed) if name == "digits" else fashion_mnist_scenario()
+def load_scenario(name: str, seed: int = 0, scenario: str = "split") -> Scenario:
+    """Split (class- and task-incremental) or permuted (domain-incremental, 5 tasks) digits / Fashion-MNIST."""
+    if scenario == "split":
+        return digits_scenario(seed) if name == "digits" else fashion_mnist_scenario()
+    if name == "digits":
+        train, test = train_test_split(load_digits(), 0.2, seed)
+    else:
+        train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
+    return permuted_scenario(train, test, n_tasks=5, seed=seed)
 
 
 def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[object, Path]:
@@ -96,7 +108,7 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
     from edgecl.runtime import open_engine
 
     out_dir = Path(out_dir)
-    scenario = load_scenario(job.data, job.seed)
+    scenario = load_scenario(job.data, job.seed, job.scenario)
     model, folder = _export_cached(job, scenario, out_dir)
     optimizer = OptimizerConfig("sgd", lr=job.lr)
     engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"
@@ -136,13 +148,16 @@ def format_result(result: RunResult) -> str:
     """The accuracy matrix and the headline metrics as a terminal table."""
     r = np.array(result.acc_matrix)
     t = len(r)
-    lines = [f"accuracy after each task (class-IL, %), {result.config.get('label', '')}",
+    domain = result.config.get("job", {}).get("scenario") == "permuted"
+    kind = "domain-IL" if domain else "class-IL"
+    lines = [f"accuracy after each task ({kind}, %), {result.config.get('label', '')}",
              "after  " + "".join(f"  task{i + 1:<2}" for i in range(t))]
     for i in range(t):
         lines.append(f"task{i + 1:<3}" + "".join(f"{100 * v:>8.1f}" for v in r[i]))
     ratio = result.dense_train_flops / result.train_flops if result.train_flops else float("nan")
     lines += ["",
-              f"ACC (class-IL)     {100 * result.acc:6.2f} %      task-IL {100 * result.task_il_acc:6.2f} %",
+              f"ACC ({kind})    {100 * result.acc:6.2f} %" + ("" if domain else
+                                                               f"      task-IL {100 * result.task_il_acc:6.2f} %"),
               f"BWT                {100 * result.bwt:6.2f}        forgetting {100 * result.forgetting:6.2f}",
               f"FWT                {100 * result.fwt:6.2f}",
               f"training FLOPs     {result.train_flops:.3e}  (dense {result.dense_train_flops:.3e}, {ratio:.2f}x fewer)",

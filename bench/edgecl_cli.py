@@ -44,7 +44,7 @@ def _run(args) -> int:
         args.buffer = 500
     args.epochs = DATA_DEFAULTS[args.data]["epochs"] if args.epochs is None else args.epochs
     args.lr = DATA_DEFAULTS[args.data]["lr"] if args.lr is None else args.lr
-    job = JobConfig(data=args.data, model=args.model, engine=args.engine, method=args.method,
+    job = JobConfig(data=args.data, scenario=args.scenario, model=args.model, engine=args.engine, method=args.method,
                     sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
                     ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget, epochs=args.epochs,
                     batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="main job: continual learning (default SparCL-DER++ 0.75 on Split Digits)")
     p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    p.add_argument("--scenario", default="split", choices=["split", "permuted"],
+                   help="split: 5 tasks of 2 classes (class-IL and task-IL); permuted: 5 pixel permutations "
+                   "(domain-IL)")
     p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet", "mobilenet"])
     p.add_argument("--engine", default="portable", choices=["portable", "ort-training", "torch"])
     p.add_argument("--method", default="derpp", choices=["finetune", "joint", "er", "derpp"])
