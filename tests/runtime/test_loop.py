@@ -82,7 +82,7 @@ def test_permuted_digits_is_domain_incremental(exported):
 
     train, test = train_test_split(load_digits(), 0.2, 0)
     scenario = permuted_scenario(train, test, n_tasks=3, seed=0)
-    result = run_scenario(scenario, _learner(exported, StrategyConfig("er")), RunConfig(epochs=2), progress=False)
+    result = run_scenario(scenario, _learner(exported, StrategyConfig("er")), RunConfig(epochs=6), progress=False)
     r = np.array(result.acc_matrix)
     assert r.shape == (3, 3)
     assert result.task_il_matrix == result.acc_matrix  # every task has all ten classes
