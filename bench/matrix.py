@@ -103,7 +103,10 @@ def summarize(out_dir, reference: str = "derpp") -> list[dict]:
             return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
         flops = np.mean([r["train_flops"] for r in rs])
-        rows.append({"strategy": strategy, "label": rs[0]["config"].get("label", strategy), "seeds": len(rs),
+        label = rs[0]["config"].get("label", strategy)
+        engine = rs[0]["config"].get("job", {}).get("engine", "portable")
+        rows.append({"strategy": strategy, "label": label if engine == "portable" else f"{label} ({engine})",
+                     "seeds": len(rs),
                      "acc": stat("acc", 100), "task_il_acc": stat("task_il_acc", 100),
                      "forgetting": stat("forgetting", 100), "bwt": stat("bwt", 100),
                      "flops_vs_reference": float(flops / ref_flops) if ref_flops else None,

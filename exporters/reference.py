@@ -28,12 +28,14 @@ class TorchEngine(Engine):
         optimizer: the optimizer to use. masks / trainable: as in `edgecl.exporters.export`.
         threads: torch intra-op threads (None leaves torch's setting).
         dropout: keep Dropout active in training (off by default, as in `export`).
+        extra: manifest extras to carry (the layer table for FLOPs, activation bytes for budgets).
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, input_shape, num_classes: int, optimizer: OptimizerConfig = OptimizerConfig(),
-                 masks=None, trainable=None, threads: int | None = None, dropout: bool = False):
+                 masks=None, trainable=None, threads: int | None = None, dropout: bool = False,
+                 extra: dict | None = None):
         check_supported(model)
         self.model = copy.deepcopy(model).train()
         if not dropout:  # as in the exported graphs: Dropout is off unless asked for
@@ -45,7 +47,8 @@ class TorchEngine(Engine):
         trainable_names = resolve_trainable(self.model, trainable)
         params, buffers = tensor_specs(self.model, mask_arrays, trainable_names)
         manifest = Manifest(engine="torch", input_shape=tuple(input_shape), num_classes=num_classes,
-                            parameters=params, buffers=buffers, model_name=type(model).__name__)
+                            parameters=params, buffers=buffers, model_name=type(model).__name__,
+                            extra=dict(extra or {}))
         super().__init__(manifest, optimizer)
         if threads:
             torch.set_num_threads(threads)
@@ -71,7 +74,8 @@ class TorchEngine(Engine):
         with np.load(f"{artifact_dir}/init_state.npz") as z:
             masks = {k.split("::", 1)[1]: z[k] for k in z.files if k.startswith("mask::")}
         return cls(model, manifest.input_shape, manifest.num_classes, optimizer, masks=masks,
-                   trainable=manifest.trainable_names, threads=threads, dropout=manifest.extra.get("dropout", False))
+                   trainable=manifest.trainable_names, threads=threads, dropout=manifest.extra.get("dropout", False),
+                   extra={k: v for k, v in manifest.extra.items() if k in ("layers", "activation_bytes_per_sample")})
 
     # --- helpers ----------------------------------------------------------
     @torch.no_grad()

@@ -87,3 +87,15 @@ def test_permuted_digits_is_domain_incremental(exported):
     assert r.shape == (3, 3)
     assert result.task_il_matrix == result.acc_matrix  # every task has all ten classes
     assert r[2, 2] > 0.5  # it learns the latest permutation
+
+
+def test_torch_reference_counts_the_same_flops(exported, scenario):
+    from edgecl.exporters.reference import TorchEngine
+
+    model, folder = exported("cnn")
+    strategy = StrategyConfig("er", sparcl=SparCLConfig(sparsity=0.75))
+    ref = TorchEngine.from_artifacts(model, folder, OptimizerConfig("sgd", lr=0.05), threads=1)
+    learner = Learner(ref, strategy, ReplayBuffer(100, (1, 8, 8), 10, np.random.default_rng(0), store_logits=False),
+                      np.random.default_rng(0))
+    portable = _learner(exported, strategy)
+    assert learner._flops_per_sample == portable._flops_per_sample > 0
