@@ -1,9 +1,12 @@
-"""Decompositions of the backward ops that have no standard-ONNX translation.
+"""Decompositions and ONNX translations of the backward ops of the portable step graph.
 
 `make_fx` with `core_aten_decompositions()` leaves `aten.convolution_backward`,
 `aten.max_pool2d_with_indices_backward` and `aten.avg_pool2d_backward` whole; the ONNX
-exporter cannot translate them. They are rewritten here in forward ops that it can
-(convolution, transposed convolution, scatter-add).
+exporter cannot translate them. The convolution and average-pool backwards are rewritten
+here in forward ops that it can (convolution, transposed convolution); max pooling gets
+its own ONNX translation pair (`onnx_translations`). The ReLU / ReLU6 backwards are
+replaced for speed only: on a (32, 16, 28, 28) tensor ONNX Runtime 1.19 takes 2.8 ms for
+the core decomposition's LessOrEqual + Where, 0.65 ms for Greater + Cast + Mul.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dil
     grad-input is the transposed convolution of the output gradient with the weight;
     grad-weight is a grouped convolution of the (channel <-> batch transposed) input with
     the transposed output gradient, where stride and dilation swap roles, cropped to the
-    kernel; grad-bias is a sum.
+    kernel (for a 1x1 kernel, a matrix product: `_grad_weight_pointwise`); grad-bias is a sum.
     """
     if transposed:
         raise NotImplementedError("edgecl exports Conv2d, not ConvTranspose2d")
@@ -32,7 +35,9 @@ def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dil
     if output_mask[0]:
         extra = _transposed_extra(inp, grad_out, (kh, kw), stride, padding, dilation)
         grad_input = aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
-    if output_mask[1]:
+    if output_mask[1] and kh == kw == 1 and not any(padding):
+        grad_weight = _grad_weight_pointwise(grad_out, inp, weight.shape, stride, groups)
+    elif output_mask[1]:
         g = groups
         inp_t = inp.reshape(n, g, cin // g, h, w).permute(2, 1, 0, 3, 4).reshape(cin // g, g * n, h, w)
         grad_t = grad_out.reshape(n, g, cout // g, ho, wo).permute(1, 2, 0, 3, 4).reshape(cout, n, ho, wo)
@@ -43,12 +48,38 @@ def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dil
     return grad_input, grad_weight, grad_bias
 
 
-def max_pool2d_with_indices_backward(grad_out, inp, kernel_size, stride, padding, dilation, ceil_mode, indices):
-    """Scatter-add of the output gradient at the argmax positions (indices are per plane)."""
-    n, c = inp.shape[0], inp.shape[1]
-    flat = torch.zeros(n, c, inp.shape[2] * inp.shape[3], dtype=grad_out.dtype, device=grad_out.device)
-    flat = flat.scatter_add(2, indices.reshape(n, c, -1), grad_out.reshape(n, c, -1))
-    return flat.reshape(inp.shape)
+def _grad_weight_pointwise(grad_out, inp, weight_shape, stride, groups):
+    """Gradient of a 1x1 convolution's weight: dW[o, c] = sum over n, p of grad[n, o, p] * x[n, c, p].
+
+    As a grouped convolution (above) this is a matrix-vector product per input channel (the
+    "kernel" is the whole output gradient, the output one pixel); as one matrix product, with
+    no more memory, the MobileNet step runs 7-18 % faster (8x8 and 28x28 inputs). For k x k
+    kernels the same product needs the input unfolded k*k times: 7-12 % faster on the 28x28
+    CNN, not worth k*k times the layer's input in memory on a board.
+    """
+    cout, cin_g, _, _ = weight_shape
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    g, cout_g = groups, cout // groups
+    x = inp.permute(1, 0, 2, 3)[:, :, : stride[0] * (ho - 1) + 1 : stride[0], : stride[1] * (wo - 1) + 1 : stride[1]]
+    x = x.reshape(g, cin_g, -1)  # (G, Cin/G, N * Ho * Wo)
+    go = grad_out.permute(1, 0, 2, 3).reshape(g, cout_g, -1)  # (G, Cout/G, N * Ho * Wo)
+    if cout_g == 1:  # one output channel per group: a product and a sum, not G one-row matrix products
+        return (x * go).sum(dim=2).reshape(cout, cin_g, 1, 1)
+    return torch.bmm(go, x.transpose(1, 2)).reshape(cout, cin_g, 1, 1)
+
+
+def threshold_backward(grad_out, inp, threshold):
+    """ReLU's backward as grad * (x > threshold): a Mul where the core decomposition has a Where.
+
+    Same values as torch for finite inputs (torch: where(x <= threshold, 0, grad)); where
+    the gradient is not finite at a blocked position this gives NaN, torch 0.
+    """
+    return grad_out * (inp > threshold).to(grad_out.dtype)
+
+
+def hardtanh_backward(grad_out, inp, min_val, max_val):
+    """ReLU6's backward as grad * (min < x < max) (torch: where(x <= min or x >= max, 0, grad))."""
+    return grad_out * ((inp > min_val) & (inp < max_val)).to(grad_out.dtype)
 
 
 def _transposed_extra(inp, grad_out, kernel, stride, padding, dilation=(1, 1)):
@@ -80,9 +111,61 @@ def avg_pool2d_backward(grad_out, inp, kernel_size, stride, padding, ceil_mode, 
 
 
 def decomposition_table() -> dict:
-    """core ATen decompositions plus the three above."""
+    """core ATen decompositions plus the four above (max pooling is left to `onnx_translations`)."""
     table = dict(core_aten_decompositions())
     table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
     table[aten.convolution_backward.default] = convolution_backward
-    table[aten.max_pool2d_with_indices_backward.default] = max_pool2d_with_indices_backward
+    table[aten.threshold_backward.default] = threshold_backward
+    table[aten.hardtanh_backward.default] = hardtanh_backward
     return table
+
+
+def _pool_attributes(kernel_size, stride, padding, dilation):
+    """torch's pooling arguments (ints or pairs, stride [] = kernel) as ONNX pairs."""
+    def pair(v):
+        return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v] * (2 // len(v))
+
+    kernel = pair(kernel_size)
+    return kernel, pair(stride) if stride else kernel, pair(padding), pair(dilation)
+
+
+def max_pool2d_with_indices_onnx(self, kernel_size, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    """ONNX translation of the forward: MaxPool with its indices kept as ONNX returns them.
+
+    ONNX's indices are flat over N*C*H*W, torch's per (N, C) plane. The default translation
+    converts them with a second, kernel-1 MaxPool over the whole input (as slow as the pool
+    itself); the only reader here is the backward translation below (the exporter refuses
+    return_indices=True), which wants them flat, so they stay flat.
+    """
+    from onnxscript import opset18 as op
+
+    kernel, strides, pads, dilations = _pool_attributes(kernel_size, stride, padding, dilation)
+    return op.MaxPool(self, kernel_shape=kernel, strides=strides, pads=pads * 2, dilations=dilations,
+                      ceil_mode=int(ceil_mode))
+
+
+def max_pool2d_with_indices_backward_onnx(grad_output, self, kernel_size, stride, padding, dilation, ceil_mode,
+                                          indices):
+    """ONNX translation of the backward: route each output gradient to its argmax (flat indices).
+
+    Windows that cannot overlap (stride >= dilated kernel) write each input position at most
+    once: MaxUnpool. Overlapping windows may pick one position twice: a flat scatter-add.
+    """
+    from onnxscript import opset18 as op
+
+    kernel, strides, pads, dilations = _pool_attributes(kernel_size, stride, padding, dilation)
+    shape = op.Shape(self)
+    if all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel, strides, dilations)):
+        return op.MaxUnpool(grad_output, indices, shape, kernel_shape=kernel, strides=strides, pads=pads * 2)
+    zeros = op.CastLike(op.ConstantOfShape(op.Reshape(op.Size(self), op.Constant(value_ints=[1]))), grad_output)
+    flat = op.ScatterElements(zeros, op.Reshape(indices, op.Constant(value_ints=[-1])),
+                              op.Reshape(grad_output, op.Constant(value_ints=[-1])), axis=0, reduction="add")
+    return op.Reshape(flat, shape)
+
+
+def onnx_translations() -> dict:
+    """ATen op -> ONNX translation, for `torch.onnx.export(custom_translation_table=...)`."""
+    return {
+        aten.max_pool2d_with_indices.default: max_pool2d_with_indices_onnx,
+        aten.max_pool2d_with_indices_backward.default: max_pool2d_with_indices_backward_onnx,
+    }

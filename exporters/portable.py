@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from edgecl.runtime.manifest import TensorSpec
 
-from .backward_ops import decomposition_table
+from .backward_ops import decomposition_table, onnx_translations
 from .quiet import quiet_onnx_export
 
 BATCH_INPUTS = ("x", "y", "sample_weight", "target_logits", "logit_weight")
@@ -182,7 +182,8 @@ def _export_graph(fn, args, n_batch_args: int, input_names, output_names, path: 
     dynamic = tuple({0: batch} if i < n_batch_args else None for i in range(len(args)))
     with quiet_onnx_export():
         program = torch.onnx.export(traced, tuple(args), dynamo=True, optimize=False, opset_version=opset,
-                                    dynamic_shapes=dynamic, verbose=False)
+                                    dynamic_shapes=dynamic, verbose=False,
+                                    custom_translation_table=onnx_translations())
     proto = _rename_io(program.model_proto, list(input_names), list(output_names))
     from .export import save_onnx
 

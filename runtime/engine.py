@@ -90,7 +90,10 @@ def check_input(manifest: Manifest, x) -> np.ndarray:
 
 
 def check_named(kind: str, values: dict, specs: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """Validate a name -> float32 array mapping against expected shapes (a subset is allowed)."""
+    """Validate a name -> float32 array mapping against expected shapes (a subset is allowed).
+
+    float32 arrays are returned as given, not copied: engines copy what they keep.
+    """
     out = {}
     for name, val in values.items():
         if name not in specs:
@@ -100,7 +103,7 @@ def check_named(kind: str, values: dict, specs: dict[str, tuple]) -> dict[str, n
             raise ValueError(f"{kind} {name!r} has shape {val.shape}; accepted: {specs[name]}")
         if not np.isfinite(val).all():
             raise ValueError(f"{kind} {name!r} holds non-finite values; accepted: finite values only")
-        out[name] = val.astype(np.float32)
+        out[name] = val.astype(np.float32, copy=False)
     return out
 
 
