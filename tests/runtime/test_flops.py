@@ -57,6 +57,7 @@ def test_errors_name_the_bad_value():
         training_flops([], 1)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", ["mlp", "cnn", "resnet", "mobilenet"])
 def test_dense_training_step_matches_torch_flop_counter(family):
     """Forward + backward of a full training step, dense, against FlopCounterMode.
@@ -91,3 +92,113 @@ def test_dense_training_step_matches_torch_flop_counter(family):
     if family == "cnn":
         per_op = {str(op): n for op, n in counter.get_flop_counts()["Sequential.0"].items()}
         assert per_op["aten.convolution_backward"] == mine.layers[0].weight_grad == mine.layers[0].forward
+
+
+# --- optimizer work, SparsityConfig and whole runs ----------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from edgecl.runtime.flops import (SparsityConfig, optimizer_flops, optimizer_flops_per_element,  # noqa: E402
+                                  training_run_flops)
+from edgecl.runtime.optim import OptimizerConfig  # noqa: E402
+
+# the same three layers with sizes: 0 conv-like (4 weights + bias 2), 2 (20 + 5), 4 (10, no bias)
+TABLE = [
+    {"weight": "0.weight", "bias": "0.bias", "weight_shape": [2, 2], "macs_per_sample": 100, "needs_input_grad": False},
+    {"weight": "2.weight", "bias": "2.bias", "weight_shape": [5, 4], "macs_per_sample": 1000, "needs_input_grad": True},
+    {"weight": "4.weight", "bias": None, "weight_shape": [2, 5], "macs_per_sample": 50, "needs_input_grad": True},
+]
+
+
+def test_optimizer_flops_per_element_follows_the_update_formulas():
+    assert optimizer_flops_per_element(OptimizerConfig()) == 2                       # w -= lr * g
+    assert optimizer_flops_per_element(OptimizerConfig(weight_decay=1e-4)) == 4      # + g + wd * w
+    assert optimizer_flops_per_element(OptimizerConfig(momentum=0.9)) == 5           # + buf * m + (1 - d) * g
+    assert optimizer_flops_per_element(OptimizerConfig(momentum=0.9, nesterov=True)) == 7
+    assert optimizer_flops_per_element(OptimizerConfig("adamw")) == 13
+    assert optimizer_flops_per_element(OptimizerConfig("adamw", weight_decay=0.01)) == 14
+
+
+def test_optimizer_flops_literal_density_frozen_and_shared_weights():
+    opt = optimizer_flops(TABLE, steps=3, optimizer=OptimizerConfig(), update_density={"2.weight": 0.25})
+    assert opt == {"0.weight": 2 * 3 * (4 + 2), "2.weight": 2 * 3 * (20 * 0.25 + 5), "4.weight": 2 * 3 * 10}
+    frozen = optimizer_flops(TABLE, 1, OptimizerConfig("adamw"), frozen={"0.weight"})
+    assert frozen["0.weight"] == 0.0 and frozen["2.weight"] == 13 * 25
+    shared = optimizer_flops([TABLE[2], TABLE[2]], 1, OptimizerConfig())
+    assert shared == {"4.weight": 20.0}  # counted once
+    with pytest.raises(KeyError, match="weight_shape"):
+        optimizer_flops(LAYERS, 1, OptimizerConfig())
+
+
+def test_training_run_flops_literal_step_epoch_run():
+    cfg = SparsityConfig(weight_sparsity=0.75, grad_density=0.2, data_removal=0.25)
+    r = training_run_flops(TABLE, cfg, batch=8, replay=4, examples_per_epoch=100, epochs=2, tasks=3)
+    # first and last layer dense; only 2.weight is sparse. 75 examples kept -> 10 steps (last one short)
+    assert r.steps_per_epoch == 10
+    assert (r.step.samples, r.step.steps) == (12, 1)
+    assert (r.epoch.samples, r.epoch.steps) == (75 + 4 * 10, 10)
+    assert (r.run.samples, r.run.steps) == (115 * 6, 60)
+    rows = {row.weight: row for row in r.step.layers}
+    assert (rows["2.weight"].forward, rows["2.weight"].input_grad, rows["2.weight"].weight_grad) == (
+        2 * 1000 * 12 * 0.25, 2 * 1000 * 12 * 0.25, 2 * 1000 * 12 * 0.2)
+    assert rows["2.weight"].optimizer == 2 * (20 * 0.2 + 5)  # min(weight density, grad density) of the entries
+    assert rows["0.weight"].forward == 2 * 100 * 12 and rows["0.weight"].input_grad == 0.0
+    assert r.run.total == pytest.approx(r.epoch.total * 6)
+    assert r.step.total == r.step.forward + r.step.input_grad + r.step.weight_grad + r.step.optimizer
+    d = r.to_dict()
+    assert d["run"]["optimizer"] == r.run.optimizer and d["sparsity"]["weight_sparsity"] == 0.75
+
+
+def test_dense_run_without_optimizer_work_is_the_sparcl_count():
+    r = training_run_flops(TABLE, batch=10, examples_per_epoch=50)
+    assert r.epoch.total - r.epoch.optimizer == dense_training_flops(TABLE, 50).total
+
+
+def test_all_sparse_and_frozen():
+    dense_ends = training_run_flops(TABLE, SparsityConfig(0.5), batch=1, examples_per_epoch=1)
+    all_sparse = training_run_flops(TABLE, SparsityConfig(0.5, dense_first_last=False), batch=1, examples_per_epoch=1)
+    assert all_sparse.step.forward == 0.5 * dense_ends.step.layers[0].forward + dense_ends.step.layers[1].forward + (
+        0.5 * dense_ends.step.layers[2].forward)
+    frozen = training_run_flops(TABLE, SparsityConfig(frozen=("2.weight",)), batch=1, examples_per_epoch=1)
+    assert frozen.step.layers[1].weight_grad == 0.0 and frozen.step.layers[1].optimizer == 0.0
+    assert frozen.step.layers[1].input_grad > 0  # earlier layers still need the gradient through it
+
+
+def test_sparsity_config_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"grad_density=-0.1; accepted: a number in \[0, 1\]"):
+        SparsityConfig(grad_density=-0.1)
+    with pytest.raises(ValueError, match=r"weight_sparsity=1.0; accepted: a number in \[0, 1\)"):
+        SparsityConfig(weight_sparsity=1.0)
+    with pytest.raises(ValueError, match="data_removal=-0.5"):
+        SparsityConfig(data_removal=-0.5)
+    with pytest.raises(ValueError, match="frozen='0.weight'"):
+        SparsityConfig(frozen="0.weight")
+    with pytest.raises(KeyError, match="'nope'"):
+        training_run_flops(TABLE, SparsityConfig(frozen=("nope",)))
+    with pytest.raises(ValueError, match="batch=0"):
+        training_run_flops(TABLE, batch=0)
+    with pytest.raises(ValueError, match="replay=-1"):
+        training_run_flops(TABLE, replay=-1)
+    assert SparsityConfig.from_dict(SparsityConfig(0.9, 0.2, 0.3, ("2.weight",)).to_dict()) == SparsityConfig(
+        0.9, 0.2, 0.3, ("2.weight",))
+
+
+fractions = st.floats(0.0, 0.99, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=fractions, ds=fractions, g=st.floats(0.0, 1.0), dg=st.floats(0.0, 1.0), r=fractions, dr=fractions,
+       frozen=st.sets(st.sampled_from([t["weight"] for t in TABLE])), more_frozen=st.booleans(),
+       all_sparse=st.booleans(), adam=st.booleans())
+def test_property_a_sparser_config_never_has_more_flops(s, ds, g, dg, r, dr, frozen, more_frozen, all_sparse, adam):
+    base = SparsityConfig(s, g, r, tuple(sorted(frozen)), not all_sparse)
+    sparser = SparsityConfig(min(s + ds, 0.99), g * (1 - dg), min(r + dr, 0.99),
+                             tuple(sorted(frozen | ({"2.weight"} if more_frozen else set()))), not all_sparse)
+    opt = OptimizerConfig("adamw" if adam else "sgd")
+    a = training_run_flops(TABLE, base, batch=7, replay=3, examples_per_epoch=50, epochs=2, optimizer=opt)
+    b = training_run_flops(TABLE, sparser, batch=7, replay=3, examples_per_epoch=50, epochs=2, optimizer=opt)
+    for scope in ("step", "epoch", "run"):
+        x, y = getattr(a, scope), getattr(b, scope)
+        for phase in ("forward", "input_grad", "weight_grad", "optimizer", "total"):
+            assert getattr(y, phase) <= getattr(x, phase) * (1 + 1e-12) + 1e-9, (scope, phase)
