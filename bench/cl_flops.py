@@ -1,0 +1,126 @@
+"""The FLOPs table of a `bench run` folder: training FLOPs per strategy, the ratio to dense DER++,
+and the forward / input-gradient / weight-gradient split.
+
+A run's JSON records its total training FLOPs (`train_flops`, SparCL's sparsity-aware
+count) and the dense count of the same samples (`dense_train_flops`), not the split. The
+split is rebuilt from the layer table in the folder's exported manifest: the samples
+trained on are dense_train_flops / dense FLOPs per sample, and the sparse per-sample
+split follows from the run's configuration (TDM masks hold each sparse layer at
+1 - sparsity from the first step, DGM keeps grad_density of its gradients; the first and
+last layer dense when the config says so). Each row says how far the rebuilt total is
+from the recorded one (`check`); where it is off by more than 0.5 % the split is left out.
+The optimizer's element-wise work (not part of `train_flops`) is shown apart, from the
+run's step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgecl.runtime.flops import SparsityConfig, dense_training_flops, optimizer_flops, training_flops
+from edgecl.runtime.optim import OptimizerConfig
+
+SPLIT_TOLERANCE = 0.005
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyFlops:
+    """Mean over seeds of one strategy's training FLOPs; split fields None where not rebuilt."""
+
+    strategy: str
+    label: str
+    seeds: int
+    sparsity: float
+    train_flops: float
+    ratio_to_reference: float | None
+    forward: float | None
+    input_grad: float | None
+    weight_grad: float | None
+    optimizer: float | None
+    check: float | None  # (rebuilt total - recorded total) / recorded total
+
+
+def _runs(out_dir: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted((out_dir / "runs").glob("*.json")):
+        runs.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(json.loads(path.read_text()))
+    if not runs:
+        raise FileNotFoundError(f"no run JSON under {str(out_dir / 'runs')!r}; run `bench run --out {out_dir}` first")
+    return runs
+
+
+def _layer_table(out_dir: Path) -> list[dict] | None:
+    for manifest in sorted((out_dir / "artifacts").glob("*/manifest.json")):
+        layers = json.loads(manifest.read_text()).get("extra", {}).get("layers")
+        if layers:
+            return layers
+    return None
+
+
+def _split(run: dict, layers: list[dict]) -> tuple[float, float, float, float, float] | None:
+    """(forward, input_grad, weight_grad, optimizer, check) of one run, or None if the totals disagree."""
+    per_sample_dense = dense_training_flops(layers, 1).total
+    samples = round(run["dense_train_flops"] / per_sample_dense)
+    strategy = run["config"]["strategy"]
+    sparcl = strategy.get("sparcl")
+    if sparcl:
+        cfg = SparsityConfig(sparcl["sparsity"], sparcl["grad_density"] if sparcl["dgm"] else 1.0,
+                             dense_first_last=sparcl["dense_first_last"])
+    else:
+        cfg = SparsityConfig()
+    wd, gd = cfg.densities(layers)
+    f = training_flops(layers, samples, wd, gd)
+    check = (f.total - run["train_flops"]) / run["train_flops"]
+    if abs(check) > SPLIT_TOLERANCE:
+        return None
+    optimizer = OptimizerConfig(**run["config"].get("optimizer", {})) if "optimizer" in run["config"] else OptimizerConfig()
+    update = {n: min(wd[n], gd[n]) for n in wd}
+    opt = sum(optimizer_flops(layers, run["steps"], optimizer, update).values())
+    return f.forward, f.input_grad, f.weight_grad, opt, check
+
+
+def cl_flops_table(out_dir: str | Path = "results/fmnist", reference: str = "derpp") -> tuple[StrategyFlops, ...]:
+    """One row per strategy of a `bench run` folder (means over seeds), in the matrix's order.
+
+    Raises:
+        FileNotFoundError: no run JSON in `out_dir/runs`.
+    """
+    from edgecl.bench.matrix import STRATEGIES
+
+    out_dir = Path(out_dir)
+    runs = _runs(out_dir)
+    layers = _layer_table(out_dir)
+    ref = float(np.mean([r["train_flops"] for r in runs[reference]])) if reference in runs else None
+    order = [s for s in STRATEGIES if s in runs] + sorted(s for s in runs if s not in STRATEGIES)
+    rows = []
+    for strategy in order:
+        rs = runs[strategy]
+        total = float(np.mean([r["train_flops"] for r in rs]))
+        splits = [_split(r, layers) for r in rs] if layers else [None]
+        split = np.mean(splits, axis=0).tolist() if all(s is not None for s in splits) else [None] * 5
+        sparcl = rs[0]["config"]["strategy"].get("sparcl")
+        engine = rs[0]["config"].get("job", {}).get("engine", "portable")
+        label = rs[0]["config"].get("label", strategy)
+        rows.append(StrategyFlops(strategy, label if engine == "portable" else f"{label} ({engine})", len(rs),
+                                  float(sparcl["sparsity"]) if sparcl else 0.0, total,
+                                  total / ref if ref else None, *split))
+    return tuple(rows)
+
+
+def markdown_table(rows, reference: str = "DER++") -> str:
+    """The README's FLOPs table (TFLOP = 1e12 FLOPs, whole run, means over seeds)."""
+    lines = [f"| strategy | seeds | training TFLOPs | vs dense {reference} | forward | input-grad | weight-grad | "
+             f"optimizer (not in total) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "n/a" if r.ratio_to_reference is None else (
+            f"{r.ratio_to_reference:.3f}x ({1 / r.ratio_to_reference:.2f}x fewer)" if r.ratio_to_reference < 0.999
+            else f"{r.ratio_to_reference:.3f}x")
+        split = ["n/a"] * 4 if r.forward is None else [
+            f"{r.forward / 1e12:.3f}", f"{r.input_grad / 1e12:.3f}", f"{r.weight_grad / 1e12:.3f}",
+            f"{r.optimizer / 1e12:.5f}"]
+        lines.append(f"| {r.label} | {r.seeds} | {r.train_flops / 1e12:.3f} | {ratio} | {' | '.join(split)} |")
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""`bench report`: a Markdown report with PNG plots from saved results.
+
+Inputs, all optional but at least one:
+- a `bench run` folder (`runs/*.json`): accuracy versus training FLOPs across sparsities,
+  the FLOPs table, the accuracy matrices;
+- latency JSON files, shape {"kind": "latency", "rows": [{"model", "engine", "target",
+  "source": "measured" | "projected", "median_ms", "iqr_ms", "ratio_to_torch", "metric"?}]}
+  ("metric" optional, default "train_step"; iqr_ms and ratio_to_torch may be null);
+- memory JSON files, shape {"kind": "memory", "rows": [{"engine", "process", "peak_rss_bytes",
+  "ratio_to_torch"}]} (ratio_to_torch may be null).
+Measured and projected latency rows never share a table or a plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+LATENCY_KEYS = ("model", "engine", "target", "source", "median_ms")
+MEMORY_KEYS = ("engine", "process", "peak_rss_bytes")
+SOURCES = ("measured", "projected")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportResult:
+    """What `write_report` wrote: the Markdown file and the PNGs it links."""
+
+    markdown: Path
+    plots: tuple[Path, ...]
+    sections: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"markdown": str(self.markdown), "plots": [str(p) for p in self.plots], "sections": list(self.sections)}
+
+
+def read_rows(path: str | Path, kind: str) -> list[dict]:
+    """The rows of a latency or memory JSON file, checked against the documented shape.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, another kind, a row missing a key (named), a source other than measured/projected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{kind} file {str(path)!r} is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("kind") != kind or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{kind} file {str(path)!r}: accepted: {{\"kind\": \"{kind}\", \"rows\": [...]}}")
+    required = LATENCY_KEYS if kind == "latency" else MEMORY_KEYS
+    for i, row in enumerate(data["rows"]):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{kind} file {str(path)!r}: rows[{i}] lacks {missing}; required: {', '.join(required)}")
+        if kind == "latency" and row["source"] not in SOURCES:
+            raise ValueError(f"{kind} file {str(path)!r}: rows[{i}] source={row['source']!r}; accepted: measured, "
+                             f"projected")
+    return data["rows"]
+
+
+def _run_groups(runs_dir: Path) -> dict[str, list[dict]]:
+    from edgecl.bench.matrix import STRATEGIES
+
+    groups: dict[str, list[dict]] = {}
+    for path in sorted((runs_dir / "runs").glob("*.json")):
+        groups.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(json.loads(path.read_text()))
+    return {s: groups[s] for s in [*[s for s in STRATEGIES if s in groups], *sorted(set(groups) - set(STRATEGIES))]}
+
+
+def _label(runs: list[dict], strategy: str) -> str:
+    label = runs[0]["config"].get("label", strategy)
+    engine = runs[0]["config"].get("job", {}).get("engine", "portable")
+    return label if engine == "portable" else f"{label} ({engine})"
+
+
+def _plot_acc_vs_flops(plt, groups, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy, runs in groups.items():
+        sparcl = runs[0]["config"]["strategy"].get("sparcl")
+        sparsity = sparcl["sparsity"] if sparcl else 0.0
+        acc = 100 * np.array([r["acc"] for r in runs])
+        flops = np.mean([r["train_flops"] for r in runs]) / 1e12
+        marker = "o" if sparsity == 0 else "s" if sparsity < 0.8 else "^"
+        ax.errorbar(flops, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, fmt=marker, capsize=3,
+                    label=f"{_label(runs, strategy)} (sparsity {sparsity:g})")
+    ax.set_xlabel("training TFLOPs (whole run, SparCL counting)")
+    ax.set_ylabel("class-IL accuracy (%)")
+    ax.set_title("Accuracy versus training FLOPs (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_acc_matrices(plt, groups, path: Path) -> None:
+    n = len(groups)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (strategy, runs) in zip(axes.flat, groups.items()):
+        R = 100 * np.mean([r["acc_matrix"] for r in runs], axis=0)
+        ax.imshow(np.ma.masked_where(np.triu(np.ones_like(R, bool), 1), R), vmin=0, vmax=100, cmap="viridis")
+        for (i, j), v in np.ndenumerate(R):
+            if j <= i:
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
+        ax.set_title(_label(runs, strategy), fontsize=8)
+        ax.set_xlabel("task evaluated", fontsize=7)
+        ax.set_ylabel("after training task", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("Accuracy matrices R[t][i] (%, class-IL, mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_bars(plt, labels, values, errors, title, ylabel, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(labels) + 2), 4))
+    ax.bar(range(len(labels)), values, yerr=errors, capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ratio(r) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def _runs_section(plt, runs_dir: Path, out: Path, plots: list) -> list[str]:
+    from edgecl.bench.cl_flops import cl_flops_table, markdown_table as flops_markdown
+    from edgecl.bench.matrix import markdown_table, summarize
+
+    groups = _run_groups(runs_dir)
+    if not groups:
+        raise FileNotFoundError(f"no run JSON under {str(runs_dir / 'runs')!r}")
+    _plot_acc_vs_flops(plt, groups, out / "acc_vs_flops.png")
+    _plot_acc_matrices(plt, groups, out / "acc_matrices.png")
+    plots += [out / "acc_vs_flops.png", out / "acc_matrices.png"]
+    return ["## Continual learning", "", f"From `{runs_dir}` ({sum(len(r) for r in groups.values())} runs).", "",
+            markdown_table(summarize(runs_dir)), "", "![accuracy versus training FLOPs](acc_vs_flops.png)", "",
+            "### Training FLOPs", "",
+            "Whole run, means over seeds (TFLOP = 1e12). The split is rebuilt from the layer table and each "
+            "run's configuration; it matches the recorded totals (see `edgecl.bench.cl_flops`).", "",
+            flops_markdown(cl_flops_table(runs_dir)), "", "### Accuracy matrices", "",
+            "![accuracy matrices](acc_matrices.png)", ""]
+
+
+def _latency_section(plt, rows: list[dict], out: Path, plots: list) -> list[str]:
+    lines = ["## Latency", ""]
+    for source in SOURCES:
+        part = [r for r in rows if r["source"] == source]
+        if not part:
+            continue
+        title = "Measured on this machine" if source == "measured" else (
+            "PROJECTED (roofline from device profiles, not measured)")
+        lines += [f"### {title}", "", "| model | metric | engine | target | median (ms) | IQR (ms) | vs torch eager |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in part:
+            iqr = r.get("iqr_ms")
+            lines.append(f"| {r['model']} | {r.get('metric', 'train_step')} | {r['engine']} | {r['target']} | "
+                         f"{r['median_ms']:.3f} | {'n/a' if iqr is None else f'{iqr:.3f}'} | "
+                         f"{_ratio(r.get('ratio_to_torch'))} |")
+        name = f"latency_{source}.png"
+        labels = [f"{r['model']} {r.get('metric', 'train_step')}\n{r['engine']} @ {r['target']}" for r in part]
+        errors = [(r.get("iqr_ms") or 0) / 2 for r in part]
+        _plot_bars(plt, labels, [r["median_ms"] for r in part], errors,
+                   f"Latency, {source}" + (" (roofline projection)" if source == "projected" else ""),
+                   "median ms (bar: IQR)", out / name)
+        plots.append(out / name)
+        lines += ["", f"![latency {source}]({name})", ""]
+    return lines
+
+
+def _memory_section(plt, rows: list[dict], out: Path, plots: list) -> list[str]:
+    lines = ["## Peak memory (measured)", "", "| engine | process | peak RSS (MiB) | vs torch eager |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['process']} | {r['peak_rss_bytes'] / 2**20:.1f} | "
+                     f"{_ratio(r.get('ratio_to_torch'))} |")
+    _plot_bars(plt, [f"{r['engine']}\n{r['process']}" for r in rows], [r["peak_rss_bytes"] / 2**20 for r in rows],
+               None, "Peak resident memory, measured", "MiB", out / "memory.png")
+    plots.append(out / "memory.png")
+    return [*lines, "", "![peak memory](memory.png)", ""]
+
+
+def write_report(out_dir: str | Path = "results/report", runs: str | Path | None = None, latency=(),
+                 memory=()) -> ReportResult:
+    """Write `out_dir/report.md` and its PNGs from a `bench run` folder and latency / memory JSON files.
+
+    Args:
+        out_dir: created if needed; report.md and *.png are (over)written there.
+        runs: a `bench run` folder (None: no continual-learning section).
+        latency, memory: JSON files of the documented shapes (module docstring).
+    Returns:
+        ReportResult.
+    Raises:
+        ValueError: nothing to report, or a malformed input file (named).
+        FileNotFoundError: a missing input.
+    """
+    latency_rows = [row for p in latency for row in read_rows(p, "latency")]
+    memory_rows = [row for p in memory for row in read_rows(p, "memory")]
+    if runs is None and not latency_rows and not memory_rows:
+        raise ValueError("nothing to report: give a runs folder, latency JSON or memory JSON")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: list[Path] = []
+    sections: list[str] = []
+    lines = ["# edgecl benchmark report", "",
+             "Measured figures come from this machine; figures marked PROJECTED come from a roofline over a device "
+             "profile (`bench devices`) and are never mixed with measured ones.", ""]
+    if runs is not None:
+        lines += _runs_section(plt, Path(runs), out, plots)
+        sections.append("continual-learning")
+    if latency_rows:
+        lines += _latency_section(plt, latency_rows, out, plots)
+        sections.append("latency")
+    if memory_rows:
+        lines += _memory_section(plt, memory_rows, out, plots)
+        sections.append("memory")
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    return ReportResult(md, tuple(plots), tuple(sections))
