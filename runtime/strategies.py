@@ -217,6 +217,8 @@ class Learner:
             self.last_grads = {name: grads[name] for name in self.sparse_names}
         if self.dgm is not None:
             grads = self.dgm.apply(self.step, grads)
+            if self.step % self.dgm.every == 0:
+                self._refresh_flops()  # new gradient masks: new weight-gradient densities
         self.engine.apply_gradients(grads)
         if self.tracker is not None:
             self.tracker.update(indices, stream_logits.argmax(1) == y)
@@ -237,13 +239,22 @@ class Learner:
         return self.config.sparcl is not None and getattr(self.config.sparcl, switch)
 
     def _refresh_flops(self) -> None:
-        """FLOPs per sample under the current weight and gradient densities (SparCL's counting)."""
+        """FLOPs per sample under the current weight and gradient densities (SparCL's counting).
+
+        A weight-gradient entry is work only where the weight is active and DGM keeps it: the
+        mask multiplies the weight inside the graph, so a masked entry's gradient is exactly 0
+        and need not be computed. Its density is measured on the current masks (both), or is
+        min(weight density, DGM density) before the first gradient mask exists.
+        """
         if not self.layers:
             self._flops_per_sample = self._dense_flops_per_sample = 0.0
             return
         masks = self.engine.masks()
         weight_density = {n: float(masks[n].mean()) for n in self.sparse_names}
-        grad_density = {n: self.dgm.density for n in self.sparse_names} if self.dgm is not None else None
+        grad_density = None
+        if self.dgm is not None:
+            grad_density = {n: (float(np.mean((masks[n] != 0) & (self.dgm.masks[n] != 0))) if n in self.dgm.masks
+                                else min(weight_density[n], self.dgm.density)) for n in self.sparse_names}
         frozen = {p.name for p in self.engine.manifest.parameters if not p.trainable}
         frozen &= {row["weight"] for row in self.layers}
         self._flops_per_sample = training_flops(self.layers, 1, weight_density, grad_density, frozen).total
