@@ -4,10 +4,11 @@ Inputs, all optional but at least one:
 - a `bench run` folder (`runs/*.json`): accuracy versus training FLOPs across sparsities,
   the FLOPs table, the accuracy matrices;
 - latency JSON files, shape {"kind": "latency", "rows": [{"model", "engine", "target",
-  "source": "measured" | "projected", "median_ms", "iqr_ms", "ratio_to_torch", "metric"?}]}
-  ("metric" optional, default "train_step"; iqr_ms and ratio_to_torch may be null);
+  "source": "measured" | "projected", "median_ms", "iqr_ms", "ratio_to_torch", "phase"?}]}
+  (as `bench latency --json` writes; "phase" optional: "train", "infer", "cold_start", default
+  "train"; iqr_ms and ratio_to_torch may be null; other keys are ignored);
 - memory JSON files, shape {"kind": "memory", "rows": [{"engine", "process", "peak_rss_bytes",
-  "ratio_to_torch"}]} (ratio_to_torch may be null).
+  "ratio_to_torch", "model"?}]} (as `bench memory --json` writes; ratio_to_torch may be null).
 Measured and projected latency rows never share a table or a plot.
 """
 
@@ -133,6 +134,10 @@ def _plot_bars(plt, labels, values, errors, title, ylabel, path: Path) -> None:
     plt.close(fig)
 
 
+def _phase(row: dict) -> str:
+    return row.get("phase") or row.get("metric") or "train"
+
+
 def _ratio(r) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
 
@@ -164,15 +169,15 @@ def _latency_section(plt, rows: list[dict], out: Path, plots: list) -> list[str]
             continue
         title = "Measured on this machine" if source == "measured" else (
             "PROJECTED (roofline from device profiles, not measured)")
-        lines += [f"### {title}", "", "| model | metric | engine | target | median (ms) | IQR (ms) | vs torch eager |",
+        lines += [f"### {title}", "", "| model | phase | engine | target | median (ms) | IQR (ms) | vs torch eager |",
                   "|---|---|---|---|---|---|---|"]
         for r in part:
             iqr = r.get("iqr_ms")
-            lines.append(f"| {r['model']} | {r.get('metric', 'train_step')} | {r['engine']} | {r['target']} | "
+            lines.append(f"| {r['model']} | {_phase(r)} | {r['engine']} | {r['target']} | "
                          f"{r['median_ms']:.3f} | {'n/a' if iqr is None else f'{iqr:.3f}'} | "
                          f"{_ratio(r.get('ratio_to_torch'))} |")
         name = f"latency_{source}.png"
-        labels = [f"{r['model']} {r.get('metric', 'train_step')}\n{r['engine']} @ {r['target']}" for r in part]
+        labels = [f"{r['model']} {_phase(r)}\n{r['engine']} @ {r['target']}" for r in part]
         errors = [(r.get("iqr_ms") or 0) / 2 for r in part]
         _plot_bars(plt, labels, [r["median_ms"] for r in part], errors,
                    f"Latency, {source}" + (" (roofline projection)" if source == "projected" else ""),
@@ -183,11 +188,13 @@ def _latency_section(plt, rows: list[dict], out: Path, plots: list) -> list[str]
 
 
 def _memory_section(plt, rows: list[dict], out: Path, plots: list) -> list[str]:
-    lines = ["## Peak memory (measured)", "", "| engine | process | peak RSS (MiB) | vs torch eager |", "|---|---|---|---|"]
+    lines = ["## Peak memory (measured)", "", "| model | engine | process | peak RSS (MiB) | vs torch eager |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['engine']} | {r['process']} | {r['peak_rss_bytes'] / 2**20:.1f} | "
+        lines.append(f"| {r.get('model', '')} | {r['engine']} | {r['process']} | {r['peak_rss_bytes'] / 2**20:.1f} | "
                      f"{_ratio(r.get('ratio_to_torch'))} |")
-    _plot_bars(plt, [f"{r['engine']}\n{r['process']}" for r in rows], [r["peak_rss_bytes"] / 2**20 for r in rows],
+    labels = [f"{r.get('model', '')} {r['engine']}\n{r['process']}".strip() for r in rows]
+    _plot_bars(plt, labels, [r["peak_rss_bytes"] / 2**20 for r in rows],
                None, "Peak resident memory, measured", "MiB", out / "memory.png")
     plots.append(out / "memory.png")
     return [*lines, "", "![peak memory](memory.png)", ""]

@@ -61,6 +61,9 @@ LATENCY = [
      "ratio_to_torch": 0.8},
     {"model": "cnn", "engine": "roofline", "target": "raspberry-pi-4", "source": "projected", "median_ms": 3.5,
      "iqr_ms": None, "ratio_to_torch": None},
+    # as `bench latency --json` writes them: a phase, extra keys
+    {"model": "cnn", "engine": "portable", "target": "host", "source": "measured", "phase": "infer",
+     "median_ms": 1.25, "iqr_ms": 0.05, "ratio_to_torch": 0.5, "extra": "ignored"},
 ]
 MEMORY = {"kind": "memory", "rows": [
     {"engine": "torch", "process": "torch eager", "peak_rss_bytes": 400 * 2**20, "ratio_to_torch": 1.0},
@@ -107,9 +110,10 @@ def test_write_report_library(runs_dir, tmp_path):
         assert f"]({p.name})" in md
     # measured and projected rows are in separate tables, the projected one labelled
     measured, projected = md.split("### Measured on this machine")[1].split("### PROJECTED")
-    assert "raspberry-pi-4" not in measured and "| cnn | train_step | portable | host | 4.000 | 0.200 | 0.80x |" in measured
+    assert "raspberry-pi-4" not in measured and "| cnn | train | portable | host | 4.000 | 0.200 | 0.80x |" in measured
+    assert "| cnn | infer | portable | host | 1.250 | 0.050 | 0.50x |" in measured
     assert "raspberry-pi-4" in projected.split("## Peak memory")[0]
-    assert "| portable | runtime only | 100.0 | 0.25x |" in md
+    assert "|  | portable | runtime only | 100.0 | 0.25x |" in md
     assert "SparCL-DER++ 0.75" in md and "training TFLOPs" in md
 
 
@@ -151,7 +155,7 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_report_cli_latency_only_and_memory_only(tmp_path, capsys):
-    lat = latency_file(tmp_path / "lat.json", LATENCY[2:])
+    lat = latency_file(tmp_path / "lat.json", LATENCY[2:3])
     assert bench_cli.main(["report", "--latency", str(lat), "--out", str(tmp_path / "r"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sections"] == ["latency"] and [p.rsplit("/", 1)[1] for p in out["plots"]] == ["latency_projected.png"]

@@ -88,3 +88,21 @@ def test_bad_input():
         project_latency(TABLE, step, "raspberry-pi-4")
     with pytest.raises(ValueError, match="phase='backward'"):
         project_latency(TABLE, step, profile()).phase_ms("backward")
+
+
+def test_devices_import_and_project_without_torch_or_bench():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edgecl.devices.profiles import builtin_profiles\n"
+            "from edgecl.devices.roofline import project_latency\n"
+            "from edgecl.runtime.flops import training_run_flops\n"
+            f"table = {TABLE!r}\n"
+            "p = project_latency(table, training_run_flops(table, batch=4, examples_per_epoch=4).step,"
+            " builtin_profiles()['raspberry-pi-5'])\n"
+            "assert p.total_ms > 0 and p.source == 'projected'\n"
+            "bad = [m for m in sys.modules if m.startswith(('edgecl.bench', 'edgecl.exporters')) or m == 'torch' and sys.modules[m]]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
