@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import statistics
-import tempfile
-import time
-
-import numpy as np
 
 ENGINES = ("torch", "portable", "ort-training")
 
@@ -35,55 +29,24 @@ class StepLatency:
         return d
 
 
-def _time_steps(step, x, y, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        step(x, y)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step(x, y)
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
-
-
 def step_latency(model: str = "cnn", input_shape=(1, 8, 8), batch: int = 32, threads: int = 2, repeats: int = 50,
                  warmup: int = 5, engines=ENGINES, seed: int = 0) -> StepLatency:
-    """Export `model` for both ONNX engines and time `engine.step` for each engine, interleaved.
+    """Median training-step time of each engine, the engines taking turns (`bench step`).
 
-    Rounds alternate between engines so that a slow spell of the machine hits all alike.
+    The training phase of `edgecl.bench.latency.measure_latency`, without inference or cold starts.
+
+    Raises:
+        ValueError: repeats < 3, batch or threads < 1, an unknown engine or model.
     """
-    import torch
+    from .latency import LatencyConfig, measure_latency
 
-    from edgecl.exporters import build_model, export
-    from edgecl.exporters.reference import TorchEngine
-    from edgecl.runtime import open_engine
-
-    if repeats < 3 or batch < 1 or threads < 1:
-        raise ValueError(f"repeats={repeats}, batch={batch}, threads={threads}; accepted: repeats >= 3, others >= 1")
-    unknown = set(engines) - set(ENGINES)
-    if unknown:
-        raise ValueError(f"engines {sorted(unknown)} are unknown; accepted: {', '.join(ENGINES)}")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    torch_model = build_model(model, input_shape, 10, seed=seed)
-    rng = np.random.default_rng(seed)
-    x = rng.random((batch, *input_shape), dtype=np.float32)
-    y = rng.integers(0, 10, batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        opened = {}
-        for name in engines:
-            if name == "torch":
-                opened[name] = TorchEngine(torch_model, input_shape, 10, threads=threads)
-            else:
-                export(torch_model, torch.zeros(2, *input_shape), f"{tmp}/{name}", engine=name)
-                opened[name] = open_engine(f"{tmp}/{name}", threads=threads)
-        times = {name: [] for name in opened}
-        rounds = 5
-        for _ in range(rounds):
-            for name, engine in opened.items():
-                times[name] += _time_steps(engine.step, x, y, warmup, max(1, repeats // rounds))
-    median = {n: statistics.median(t) for n, t in times.items()}
-    iqr = {n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()}
-    return StepLatency(model, tuple(input_shape), batch, threads, repeats, median, iqr)
+    if repeats < 3:
+        raise ValueError(f"repeats={repeats}; accepted: >= 3")
+    config = LatencyConfig(model, tuple(input_shape), batch, threads, repeats, warmup, 0, tuple(engines),
+                           ("train",), seed=seed)
+    rows = measure_latency(config).rows
+    return StepLatency(model, config.input_shape, batch, threads, repeats, {r.engine: r.median_ms for r in rows},
+                       {r.engine: r.iqr_ms for r in rows})
 
 
 def format_table(r: StepLatency) -> str:

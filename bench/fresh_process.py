@@ -1,0 +1,295 @@
+"""Training in a fresh process: what `bench latency` (cold start) and `bench memory` measure.
+
+The parent (the host, torch available) exports the model once and writes one batch to
+disk; each measurement then starts a new Python interpreter that trains from those files:
+
+- a *runtime-only* process (`portable` or `ort-training` engine): it imports numpy and
+  `edgecl.runtime` only, opens the artifacts and steps; it never imports torch, and
+  reports whether `"torch" in sys.modules` at the end to prove it;
+- a *torch-eager* process doing the same work: the same model family built from the same
+  seed, the same batch, the same threads and optimizer (SGD), in plain eager torch.
+
+The children use only the standard library until they import what they train with, so a
+report separates the bare interpreter, the imports, opening the model and the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ENGINES = ("portable", "ort-training", "torch")
+MODEL_NAMES = ("mlp", "cnn", "resnet", "mobilenet")  # edgecl.exporters.models.MODELS (checked by a test)
+NUM_CLASSES = 10
+LEARNING_RATE = 0.03  # OptimizerConfig's default SGD, no momentum, in every engine
+
+_STATUS = textwrap.dedent("""
+    def _status(field):
+        # 'VmRSS:   1234 kB' from /proc/self/status, in bytes; None off Linux
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+
+    def _peak():
+        peak = _status("VmHWM")
+        if peak is None:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return peak
+""")
+
+# argv[1]: JSON {artifacts, batch, steps, threads, lr}. Times are time.monotonic() (CLOCK_MONOTONIC:
+# one clock for every process on Linux and macOS), so the parent can subtract its spawn time.
+_RUNTIME_CHILD = "import sys, time, json\n" + _STATUS + textwrap.dedent("""
+    cfg = json.loads(sys.argv[1])
+    t_python = time.monotonic()
+    rss_interpreter = _status("VmRSS")
+    import numpy as np
+    from edgecl.runtime import OptimizerConfig, open_engine
+    t_imports = time.monotonic()
+    rss_imports = _status("VmRSS")
+    with np.load(cfg["batch"]) as z:
+        x, y = z["x"], z["y"]
+    engine = open_engine(cfg["artifacts"], OptimizerConfig("sgd", lr=cfg["lr"]), threads=cfg["threads"])
+    t_open = time.monotonic()
+    losses = [engine.step(x, y)]
+    t_first = time.monotonic()
+    losses += [engine.step(x, y) for _ in range(cfg["steps"] - 1)]
+    t_end = time.monotonic()
+""")
+
+_TORCH_CHILD = "import sys, time, json\n" + _STATUS + textwrap.dedent("""
+    cfg = json.loads(sys.argv[1])
+    t_python = time.monotonic()
+    rss_interpreter = _status("VmRSS")
+    import importlib.util
+    import numpy as np
+    import torch
+    # the model definitions only (the file imports torch and nothing of edgecl's)
+    spec = importlib.util.spec_from_file_location("edgecl_models", cfg["models_py"])
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    t_imports = time.monotonic()
+    rss_imports = _status("VmRSS")
+    torch.set_num_threads(cfg["threads"])
+    with np.load(cfg["batch"]) as z:
+        x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
+    model = models.build_model(cfg["model"], tuple(cfg["input_shape"]), cfg["num_classes"], seed=cfg["seed"]).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
+    t_open = time.monotonic()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    losses = [step()]
+    t_first = time.monotonic()
+    losses += [step() for _ in range(cfg["steps"] - 1)]
+    t_end = time.monotonic()
+""")
+
+_REPORT = textwrap.dedent("""
+    print("RESULT " + json.dumps({
+        "t_python": t_python, "t_imports": t_imports, "t_open": t_open, "t_first": t_first, "t_end": t_end,
+        "rss_interpreter": rss_interpreter, "rss_imports": rss_imports, "rss_peak": _peak(),
+        "torch_imported": "torch" in sys.modules, "losses": losses}))
+""")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildReport:
+    """One fresh training process, timed from its spawn by the parent.
+
+    Times in ms from the parent's spawn: `python_ms` (interpreter up, stdlib only),
+    `imports_ms` (numpy + edgecl.runtime, or torch), `open_ms` (model opened or built),
+    `first_step_ms` (first training step finished: the cold start). Memory in bytes
+    (None where the OS does not say): resident set of the bare interpreter, after the
+    imports, and the peak (VmHWM / ru_maxrss) at the end of the run.
+    """
+
+    engine: str
+    process: str  # "runtime-only" or "torch-eager"
+    steps: int
+    python_ms: float
+    imports_ms: float
+    open_ms: float
+    first_step_ms: float
+    end_ms: float
+    interpreter_rss_bytes: int | None
+    imports_rss_bytes: int | None
+    peak_rss_bytes: int
+    torch_imported: bool
+    losses: tuple
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is unknown; accepted: {', '.join(ENGINES)}")
+        if self.steps < 1 or len(self.losses) != self.steps:
+            raise ValueError(f"steps={self.steps} with {len(self.losses)} losses; accepted: steps >= 1, one loss each")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What the children train from: one artifact folder per ONNX engine and one batch file."""
+
+    model: str
+    input_shape: tuple
+    batch: int
+    seed: int
+    artifacts: dict  # engine -> Path (ONNX engines only)
+    batch_file: Path
+    torch_model: object = dataclasses.field(repr=False, compare=False)  # the exported nn.Module
+
+
+def check_engines(engines) -> tuple[str, ...]:
+    """A non-empty tuple of distinct engine names from ENGINES.
+
+    Raises:
+        ValueError: an unknown or repeated name, or none at all.
+    """
+    engines = tuple(engines)
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines or len(set(engines)) != len(engines):
+        raise ValueError(f"engines={list(engines)}; accepted: distinct names among {', '.join(ENGINES)}")
+    return engines
+
+
+def check_shape(model: str, input_shape) -> tuple[int, ...]:
+    """The shape of one sample as a tuple of positive ints; (C, H, W) with H, W >= 4 for conv nets.
+
+    Raises:
+        ValueError: an unknown model, or a shape the model cannot take.
+    """
+    if model not in MODEL_NAMES:
+        raise ValueError(f"model {model!r} is unknown; accepted: {', '.join(MODEL_NAMES)}")
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape={input_shape!r}; accepted: a sequence of positive integers") from None
+    if not shape or any(d < 1 for d in shape) or shape != tuple(input_shape):
+        raise ValueError(f"input_shape={input_shape!r}; accepted: a sequence of positive integers")
+    if model != "mlp" and (len(shape) != 3 or min(shape[1:]) < 4):
+        raise ValueError(f"input_shape={shape} for {model!r}; accepted: (C, H, W) with H, W >= 4")
+    return shape
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1x8x8' -> (1, 8, 8).
+
+    Raises:
+        ValueError: not positive integers joined by 'x'.
+    """
+    try:
+        shape = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"input shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8") from None
+    if any(d < 1 for d in shape):
+        raise ValueError(f"input shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8")
+    return shape
+
+
+def prepare(model: str, input_shape, batch: int, engines, folder, seed: int = 0) -> Prepared:
+    """Export `model` for each ONNX engine in `engines` and write one batch (host side, torch).
+
+    Exports are kept in `folder/<model>-<shape>-seed<seed>/<engine>` and reused when a
+    previous call left them there (their manifest loads and every file's sha256 matches):
+    pass a persistent folder to measure again without exporting again, a temporary one
+    otherwise (an export from an older edgecl would be reused as it is).
+
+    Args:
+        model: a name in MODEL_NAMES. input_shape: one sample, e.g. (1, 8, 8).
+        batch: samples per step. engines: names in ENGINES. folder: where to write (created).
+        seed: initial weights (build_model's seed) and the batch.
+    Returns:
+        Prepared: artifact folders, the batch file (x float32 (batch, *input_shape), y int64) and the model.
+    """
+    import torch
+
+    from edgecl.exporters import build_model, export
+    from edgecl.runtime import ArtifactError, load_manifest
+
+    shape = check_shape(model, input_shape)
+    engines = check_engines(engines)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r}; accepted: an integer >= 1")
+    folder = Path(folder) / f"{model}-{'x'.join(map(str, shape))}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    net = build_model(model, shape, NUM_CLASSES, seed=seed)
+    artifacts = {}
+    for engine in engines:
+        if engine == "torch":
+            continue
+        try:
+            kept = load_manifest(folder / engine)
+            if kept.engine != engine or tuple(kept.input_shape) != shape:
+                raise ArtifactError("another export")
+            artifacts[engine] = folder / engine
+        except ArtifactError:
+            artifacts[engine] = export(net, torch.zeros(2, *shape), folder / engine, engine=engine).folder
+    rng = np.random.default_rng(seed)
+    batch_file = folder / f"batch{batch}.npz"
+    np.savez(batch_file, x=rng.standard_normal((batch, *shape), dtype=np.float32),
+             y=rng.integers(0, NUM_CLASSES, batch).astype(np.int64))
+    return Prepared(model, shape, batch, seed, artifacts, batch_file, net)
+
+
+def child_env() -> dict[str, str]:
+    """The parent's environment with OMP_WAIT_POLICY=PASSIVE unless set (idle threads sleep, as ORT's)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def run_fresh(prepared: Prepared, engine: str, steps: int, threads: int, python: str | None = None,
+              timeout_s: float = 600.0) -> ChildReport:
+    """Train `steps` SGD steps on the prepared batch in a new interpreter and report time and memory.
+
+    Args:
+        engine: "portable" / "ort-training" (runtime-only process) or "torch" (torch-eager process).
+        python: interpreter of runtime-only children (default: this one); torch children always
+            use this one. A runtime-only venv (numpy + stock onnxruntime + edgecl) measures what a
+            board installs.
+    Raises:
+        ValueError: bad engine, steps or threads. RuntimeError: the child failed (its stderr tail).
+    """
+    check_engines([engine])
+    if steps < 1 or threads < 1:
+        raise ValueError(f"steps={steps}, threads={threads}; accepted: both >= 1")
+    cfg = {"batch": str(prepared.batch_file), "steps": steps, "threads": threads, "lr": LEARNING_RATE}
+    if engine == "torch":
+        import edgecl.exporters.models as models
+
+        cfg.update(models_py=models.__file__, model=prepared.model, input_shape=list(prepared.input_shape),
+                   num_classes=NUM_CLASSES, seed=prepared.seed)
+        argv, process = [sys.executable, "-c", _TORCH_CHILD + _REPORT], "torch-eager"
+    else:
+        if engine not in prepared.artifacts:
+            raise ValueError(f"engine {engine!r} was not prepared; prepared: {', '.join(prepared.artifacts)}")
+        cfg["artifacts"] = str(prepared.artifacts[engine])
+        argv, process = [python or sys.executable, "-c", _RUNTIME_CHILD + _REPORT], "runtime-only"
+    spawn = time.monotonic()
+    proc = subprocess.run(argv + [json.dumps(cfg)], capture_output=True, text=True, env=child_env(),
+                          timeout=timeout_s)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"the fresh {engine} process ({argv[0]}) failed with exit code {proc.returncode}: {tail}")
+    r = json.loads(lines[-1][len("RESULT "):])
+    ms = {k: 1000.0 * (r[k] - spawn) for k in ("t_python", "t_imports", "t_open", "t_first", "t_end")}
+    return ChildReport(engine, process, steps, ms["t_python"], ms["t_imports"], ms["t_open"], ms["t_first"],
+                       ms["t_end"], r["rss_interpreter"], r["rss_imports"], int(r["rss_peak"]),
+                       bool(r["torch_imported"]), tuple(r["losses"]))

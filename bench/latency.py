@@ -1,0 +1,338 @@
+"""`bench latency`: training-step, inference and cold-start latency of each engine against torch eager.
+
+Same model, same batch, same threads for every engine. Steps and forward passes are timed
+in one process, the engines taking turns call by call (the order rotating each round), so
+a slow spell of a shared machine lands on every engine alike; medians and interquartile
+ranges summarise the calls. Cold start is timed in fresh processes (see
+`edgecl.bench.fresh_process`): from the spawn of the interpreter to the end of its first
+training step, a runtime-only process (torch never imported, checked in the child) against
+a torch-eager one, repeated and summarised by the median.
+
+Every row is `source: "measured"` on `target` ("host" unless labelled otherwise); rows
+projected for a device profile by the roofline (`--device NAME`) say `source: "projected"`
+and are never mixed into the measured ratios.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .fresh_process import ENGINES, MODEL_NAMES, check_engines, check_shape, prepare, run_fresh
+
+PHASES = ("train", "infer", "cold_start")
+SOURCES = ("measured", "projected")
+ROOFLINE_ENGINE = "roofline"  # projected rows: the roofline does not tell engines apart
+ROW_FIELDS = ("model", "engine", "target", "source", "phase", "median_ms", "iqr_ms", "ratio_to_torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyConfig:
+    """What `measure_latency` measures.
+
+    Args:
+        model: one of MODEL_NAMES. input_shape: one sample (C, H, W) (any shape for the MLP).
+        batch: samples per step. threads: intra-op threads of every engine.
+        repeats: timed calls per engine and phase. warmup: untimed calls before them.
+        cold_starts: fresh processes per engine (0: no cold-start rows).
+        engines: names among ENGINES; ratios need "torch". phases: among PHASES.
+        target: label of the machine measured. device: a device profile name for projected rows.
+        runtime_python: interpreter for the runtime-only children (default: this one).
+    Raises:
+        ValueError: naming the bad field and what is accepted.
+    """
+
+    model: str = "cnn"
+    input_shape: tuple = (1, 8, 8)
+    batch: int = 32
+    threads: int = 2
+    repeats: int = 50
+    warmup: int = 5
+    cold_starts: int = 3
+    engines: tuple = ENGINES
+    phases: tuple = PHASES
+    target: str = "host"
+    device: str | None = None
+    seed: int = 0
+    runtime_python: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", check_shape(self.model, self.input_shape))
+        object.__setattr__(self, "engines", check_engines(self.engines))
+        for name, low in (("batch", 1), ("threads", 1), ("repeats", 1), ("warmup", 0), ("cold_starts", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r}; accepted: an integer >= {low}")
+        phases = tuple(self.phases)
+        if not phases or any(p not in PHASES for p in phases) or len(set(phases)) != len(phases):
+            raise ValueError(f"phases={list(phases)}; accepted: distinct names among {', '.join(PHASES)}")
+        object.__setattr__(self, "phases", phases)
+        if not isinstance(self.target, str) or not self.target:
+            raise ValueError(f"target={self.target!r}; accepted: a non-empty label such as 'host'")
+        if self.device is not None and str(self.device).startswith("serial:"):
+            raise ValueError(f"device={self.device!r}: measuring on a board over a serial link is not available "
+                             f"yet (devices issue); accepted: a device profile name for projected rows")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input_shape"], d["engines"], d["phases"] = list(self.input_shape), list(self.engines), list(self.phases)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyRow:
+    """One engine and phase: median and interquartile range in ms, and median / torch eager's median."""
+
+    model: str
+    engine: str
+    target: str
+    source: str
+    phase: str
+    median_ms: float
+    iqr_ms: float
+    ratio_to_torch: float | None
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source={self.source!r}; accepted: {', '.join(SOURCES)}")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase={self.phase!r}; accepted: {', '.join(PHASES)}")
+        if not (self.median_ms > 0 and self.iqr_ms >= 0):
+            raise ValueError(f"median_ms={self.median_ms!r}, iqr_ms={self.iqr_ms!r}; accepted: median > 0, IQR >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdStartDetail:
+    """Medians over the fresh processes of one engine, in ms from spawn: where the cold start goes."""
+
+    engine: str
+    process: str
+    runs: int
+    python_ms: float
+    imports_ms: float
+    open_ms: float
+    first_step_ms: float
+    torch_imported: bool  # in any run; must be False for a runtime-only process
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyResult:
+    """Result of `measure_latency`: rows (measured, then projected), cold-start detail, conditions."""
+
+    config: LatencyConfig
+    rows: tuple
+    cold_start: tuple
+    omp_wait_policy: str
+    projection_note: str = ""
+
+    def row(self, engine: str, phase: str, source: str = "measured") -> LatencyRow:
+        """The row of `engine` and `phase`.
+
+        Raises:
+            KeyError: no such row (the rows present are listed).
+        """
+        for r in self.rows:
+            if (r.engine, r.phase, r.source) == (engine, phase, source):
+                return r
+        have = ", ".join(f"{r.engine}/{r.phase}/{r.source}" for r in self.rows)
+        raise KeyError(f"no {source} {phase} row for {engine!r}; rows: {have}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "latency", "rows": [dataclasses.asdict(r) for r in self.rows], **self.config.to_dict(),
+                "cold_start_detail": [dataclasses.asdict(c) for c in self.cold_start],
+                "omp_wait_policy": self.omp_wait_policy, "projection_note": self.projection_note}
+
+
+def interleaved_ms(calls: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Time each callable `repeats` times in ms, the callables taking turns, the order rotating each round.
+
+    Rotating matters: a call right after a torch call was measured 0.1-0.2 ms slower here.
+    """
+    names = list(calls)
+    times = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        turn = r % len(names)
+        for name in names[turn:] + names[:turn]:
+            start = time.perf_counter()
+            calls[name]()
+            if r >= warmup:
+                times[name].append(1000.0 * (time.perf_counter() - start))
+    return times
+
+
+def _summary(samples: list[float]) -> tuple[float, float]:
+    q25, q75 = np.percentile(samples, [25, 75])
+    return float(statistics.median(samples)), float(q75 - q25)
+
+
+def _open_engines(config: LatencyConfig, prepared) -> dict:
+    from edgecl.exporters.reference import TorchEngine
+    from edgecl.runtime import open_engine
+
+    engines = {}
+    for name in config.engines:
+        if name == "torch":
+            net = prepared.torch_model
+            if prepared.artifacts:  # same parameters, masks and trainable set as the export
+                engines[name] = TorchEngine.from_artifacts(net, next(iter(prepared.artifacts.values())),
+                                                           threads=config.threads)
+            else:
+                engines[name] = TorchEngine(net, config.input_shape, 10, threads=config.threads)
+        else:
+            engines[name] = open_engine(prepared.artifacts[name], threads=config.threads)
+    return engines
+
+
+def _rows(config: LatencyConfig, phase: str, times: dict[str, list[float]]) -> list[LatencyRow]:
+    summary = {name: _summary(t) for name, t in times.items()}
+    base = summary.get("torch", (None,))[0]
+    return [LatencyRow(config.model, name, config.target, "measured", phase, med, iqr,
+                       med / base if base else None) for name, (med, iqr) in summary.items()]
+
+
+def _cold_starts(config: LatencyConfig, prepared) -> tuple[list[LatencyRow], list[ColdStartDetail]]:
+    reports = {name: [] for name in config.engines}
+    names = list(config.engines)
+    for r in range(config.cold_starts):  # engines take turns here too
+        turn = r % len(names)
+        for name in names[turn:] + names[:turn]:
+            reports[name].append(run_fresh(prepared, name, 1, config.threads, config.runtime_python))
+    rows = _rows(config, "cold_start", {n: [c.first_step_ms for c in rs] for n, rs in reports.items()})
+    detail = [ColdStartDetail(n, rs[0].process, len(rs), *(statistics.median(getattr(c, f) for c in rs) for f in
+                                                           ("python_ms", "imports_ms", "open_ms", "first_step_ms")),
+                              any(c.torch_imported for c in rs)) for n, rs in reports.items()]
+    return rows, detail
+
+
+def resolve_device(name: str, threads: int = 2):
+    """The device profile called `name` (built-ins, or the measured host), None when edgecl.devices lacks them.
+
+    Raises:
+        ValueError: an unknown profile name (the known names listed).
+    """
+    try:
+        from edgecl.bench.devices_table import devices_table
+    except ImportError:
+        return None
+    # the host is measured once and cached (`bench devices`); only probed when asked for
+    return devices_table(host=name == "host", threads=threads).get(name)
+
+
+def projected_rows(config: LatencyConfig, profile, layers: list) -> tuple[list[LatencyRow], str]:
+    """Roofline rows for `profile` (train: one dense SGD step; infer: its forward phase), and a note.
+
+    Args:
+        profile: a DeviceProfile, or None (then no rows, and a note saying why).
+        layers: the model's layer table (edgecl.exporters.layers.layer_table).
+    """
+    try:
+        from edgecl.devices.roofline import project_latency
+    except ImportError as e:
+        profile, why = None, str(e)
+    else:
+        why = "edgecl.devices.profiles is unavailable"
+    if profile is None:
+        return [], f"no projection for {config.device!r}: {why}"
+    from edgecl.runtime.flops import training_run_flops
+
+    step = training_run_flops(layers, batch=config.batch, examples_per_epoch=config.batch).step
+    projection = project_latency(layers, step, profile)
+    rows = [LatencyRow(config.model, ROOFLINE_ENGINE, profile.name, "projected", "train", projection.per_step_ms,
+                       0.0, None),
+            LatencyRow(config.model, ROOFLINE_ENGINE, profile.name, "projected", "infer",
+                       projection.phase_ms("forward") / projection.steps, 0.0, None)]
+    note = (f"projected for {profile.name} by a per-layer roofline ({profile.peak_gflops.value} GFLOP/s, "
+            f"{profile.bandwidth_gbps.value} GB/s): Conv2d/Linear work only, a lower bound, not a measurement")
+    return rows, note
+
+
+def measure_latency(config: LatencyConfig = LatencyConfig(), artifacts_dir=None) -> LatencyResult:
+    """Export once, then time training steps, forward passes and cold starts of each engine.
+
+    Host side (exporting needs torch). OMP_WAIT_POLICY is set to PASSIVE unless set, before
+    torch loads, so torch's idle threads sleep as ONNX Runtime's do (no spinning).
+
+    Args:
+        config: what to measure. artifacts_dir: a folder to keep the exports in and reuse
+            them from (see `edgecl.bench.fresh_process.prepare`); None: a temporary folder.
+
+    Returns:
+        LatencyResult: measured rows per engine and phase (ms; ratios to torch eager when
+        "torch" is among the engines), cold-start detail, projected rows for config.device.
+    Raises:
+        ValueError: a device profile that does not exist. RuntimeError: a fresh process failed.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it once, when torch loads it
+    policy = os.environ.get("OMP_WAIT_POLICY", "libgomp default (spinning)")
+    profile = resolve_device(config.device, config.threads) if config.device is not None else None  # bad names fail first
+    rows, detail, note = [], [], ""
+    with tempfile.TemporaryDirectory(prefix="edgecl-latency-") as tmp:
+        prepared = prepare(config.model, config.input_shape, config.batch, config.engines, artifacts_dir or tmp,
+                           config.seed)
+        with np.load(prepared.batch_file) as z:
+            x, y = z["x"], z["y"]
+        if {"train", "infer"} & set(config.phases):
+            engines = _open_engines(config, prepared)
+            if "train" in config.phases:
+                calls = {n: (lambda e=e: e.step(x, y)) for n, e in engines.items()}
+                rows += _rows(config, "train", interleaved_ms(calls, config.warmup, config.repeats))
+            if "infer" in config.phases:
+                calls = {n: (lambda e=e: e.evaluate(x)) for n, e in engines.items()}
+                rows += _rows(config, "infer", interleaved_ms(calls, config.warmup, config.repeats))
+        if "cold_start" in config.phases and config.cold_starts:
+            cold_rows, detail = _cold_starts(config, prepared)
+            rows += cold_rows
+        if config.device is not None:
+            import torch
+
+            from edgecl.exporters.layers import layer_table
+
+            projected, note = projected_rows(config, profile, layer_table(prepared.torch_model,
+                                                                 torch.zeros(2, *config.input_shape)))
+            rows += projected
+    return LatencyResult(config, tuple(rows), tuple(detail), policy, note)
+
+
+def format_table(result: LatencyResult) -> str:
+    """A human table: one line per phase and engine, then where the cold start goes."""
+    c = result.config
+    cold = f"{c.cold_starts} cold starts, " if "cold_start" in c.phases and c.cold_starts else ""
+    lines = [f"{c.model} {'x'.join(map(str, c.input_shape))}, batch {c.batch}, {c.threads} threads, "
+             f"{c.repeats} calls per engine (after {c.warmup} warm-up), {cold}"
+             f"OMP_WAIT_POLICY={result.omp_wait_policy}",
+             f"{'phase':<11}{'engine':<14}{'median ms':>11}{'IQR ms':>9}{'vs torch':>10}  {'source':<10}target"]
+    for r in result.rows:
+        ratio = f"{r.ratio_to_torch:.2f}x" if r.ratio_to_torch is not None else "-"
+        lines.append(f"{r.phase:<11}{r.engine:<14}{r.median_ms:>11.3f}{r.iqr_ms:>9.3f}{ratio:>10}  "
+                     f"{r.source:<10}{r.target}")
+    if result.cold_start:
+        lines += ["", "cold start, median ms from spawn:  python up  imports  model open  first step  torch imported"]
+        for d in result.cold_start:
+            lines.append(f"  {d.engine:<14}{d.process:<14}{d.python_ms:>13.0f}{d.imports_ms:>9.0f}{d.open_ms:>12.0f}"
+                         f"{d.first_step_ms:>12.0f}  {'yes' if d.torch_imported else 'no'}")
+    if result.projection_note:
+        lines += ["", result.projection_note]
+    return "\n".join(lines)
+
+
+def to_csv(result: LatencyResult) -> str:
+    """The rows as CSV (header: ROW_FIELDS)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ROW_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in result.rows:
+        writer.writerow(dataclasses.asdict(r))
+    return out.getvalue()
+
+
+__all__ = ["ENGINES", "MODEL_NAMES", "PHASES", "LatencyConfig", "LatencyResult", "LatencyRow", "ColdStartDetail",
+           "format_table", "interleaved_ms", "measure_latency", "to_csv"]
