@@ -1,0 +1,260 @@
+"""The host's side of the link: push artifacts and data to a board's agent, train, evaluate, benchmark.
+
+    with connect("/dev/ttyUSB0") as board:
+        board.push(artifact_folder)
+        board.push_data(train, test, "digits-s0")
+        result = board.train(TrainSpec("run1", "cnn", DataSpec("digits-s0", tasks=2), epochs=2))
+
+Every method returns a typed result or raises: AgentError (the agent refused or failed, with
+its reason), LinkTimeout (the agent stopped answering), LinkClosed (the port failed),
+TransferError (a file did not check). Nothing waits forever: every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from edgecl.runtime.data import Dataset
+from edgecl.runtime.loop import RunResult
+
+from .agent import PROTOCOL_VERSION, edgecl_version
+from .jobs import DataSpec, TrainSpec, save_split
+from .link import AgentError, Frame, Link, LinkError, LinkTimeout, MsgType, ProtocolError
+from .transfer import (DEFAULT_CHUNK_BYTES, FileSpec, Incoming, TransferError, check_name, chunk_spans, encode_chunk,
+                       folder_specs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """The agent's answer to the handshake, and the round trip it took (ms, measured)."""
+
+    protocol: int
+    agent: str
+    machine: str
+    round_trip_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+    """A folder the agent received and kept (every file's sha256 checked on the board)."""
+
+    kind: str
+    name: str
+    board_path: str
+    files: int
+    bytes: int
+    seconds: float
+    retransmits: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Accuracy per task (fractions) on the board, and whose weights: "artifact" or a checkpoint name."""
+
+    class_il: list
+    task_il: list
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BoardLatency:
+    """Step latency measured on the board (never projected): median and IQR over `steps` steps, ms."""
+
+    median_ms: float
+    iqr_ms: float
+    steps: int
+    batch: int
+    threads: int | None
+    engine: str
+    model: str
+    machine: str
+    measured: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchResult:
+    """A run's latest checkpoint, copied into `path` (a folder `load_checkpoint` reads), and its metrics."""
+
+    path: Path
+    checkpoint: str
+    result: RunResult | None
+
+
+def run_result(d: dict) -> RunResult:
+    """A RunResult from its `to_dict()` form (as the agent sends it)."""
+    return RunResult(**{f.name: d[f.name] for f in dataclasses.fields(RunResult)})
+
+
+class Device:
+    """A connection to one agent.
+
+    Args:
+        link: the host's end. reply_timeout: seconds of silence after which a request is
+            given up (the agent sends a heartbeat every second while it works on one).
+    """
+
+    def __init__(self, link: Link, reply_timeout: float = 30.0):
+        if not reply_timeout > 0:
+            raise ValueError(f"reply_timeout={reply_timeout!r}; accepted: > 0 seconds")
+        self.link, self.reply_timeout = link, reply_timeout
+        self._ids = itertools.count(int(time.time() * 1000) % 1_000_000_000)
+
+    def close(self) -> None:
+        self.link.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, kind: MsgType, payload: dict | None = None, on_progress=None, timeout: float | None = None) -> dict:
+        """Send one request and return the agent's OK payload.
+
+        Raises:
+            AgentError: the agent answered ERROR. LinkTimeout: no answer within `timeout`
+                (default reply_timeout) since the request or the last PROGRESS.
+        """
+        request_id = next(self._ids)
+        self.link.send(kind, {**(payload or {}), "id": request_id})
+        timeout = self.reply_timeout if timeout is None else timeout
+        while True:
+            try:
+                frame = self.link.recv(timeout)
+            except LinkTimeout as e:
+                raise LinkTimeout(f"no answer to {kind.name} within {timeout:.1f} s: the agent is gone, stalled "
+                                  f"or was restarted ({e})") from e
+            if frame.kind not in (MsgType.OK, MsgType.ERROR, MsgType.PROGRESS):
+                continue  # leftovers of an earlier request that timed out
+            msg = frame.json()
+            if msg.get("re") != request_id:
+                continue
+            if frame.kind is MsgType.PROGRESS:
+                if on_progress is not None and "step" in msg:
+                    on_progress(msg)
+            elif frame.kind is MsgType.ERROR:
+                raise AgentError(msg.get("kind", "error"), msg.get("message", ""))
+            else:
+                return msg
+
+    def hello(self) -> Hello:
+        """The version handshake. Raises AgentError (kind ProtocolError) if the versions differ."""
+        self.link.discard_input()
+        t0 = time.perf_counter()
+        msg = self.request(MsgType.HELLO, {"protocol": PROTOCOL_VERSION, "software": f"edgecl {edgecl_version()}"})
+        return Hello(msg["protocol"], msg["agent"], msg["machine"], 1000 * (time.perf_counter() - t0))
+
+    def capabilities(self) -> dict:
+        """Machine, Python, onnxruntime, engines, memory, and the artifacts, data and runs on the board."""
+        return self.request(MsgType.CAPS)
+
+    def push(self, folder: str | Path, kind: str = "artifact", name: str | None = None,
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PushResult:
+        """Send a flat folder (artifacts from `edgecl export`, or data) to the board.
+
+        The agent keeps it under artifacts/<name> or data/<name> only once every file's
+        sha256 checks (and, for artifacts, the manifest's own); an earlier copy is replaced.
+
+        Raises:
+            TransferError: bad folder or name. AgentError: the board refused the files.
+            LinkTimeout / LinkClosed: the link failed mid-way (the board keeps nothing partial).
+        """
+        folder = Path(folder)
+        name = check_name(name or folder.name, "name")
+        specs = folder_specs(folder)
+        t0, retransmits = time.perf_counter(), self.link.stats.retransmits
+        self.request(MsgType.PUT, {"kind": kind, "name": name, "files": [s.to_dict() for s in specs]})
+        for index, spec in enumerate(specs):
+            with open(folder / spec.name, "rb") as f:
+                for offset, length in chunk_spans(spec.bytes, chunk_bytes):
+                    try:
+                        self.link.send(MsgType.CHUNK, encode_chunk(index, offset, f.read(length)))
+                    except LinkError as e:
+                        raise type(e)(f"push of {kind} {name!r} stopped at {spec.name} byte {offset:,} of "
+                                      f"{spec.bytes:,}: {e}") from e
+        reply = self.request(MsgType.PUT_END)
+        return PushResult(kind, name, reply["path"], len(specs), sum(s.bytes for s in specs),
+                          time.perf_counter() - t0, self.link.stats.retransmits - retransmits)
+
+    def push_data(self, train: Dataset, test: Dataset, name: str) -> PushResult:
+        """Send a train / test pair as data `name` (what a board without scikit-learn trains on)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save_split(train, test, tmp, name)
+            return self.push(tmp, "data", name)
+
+    def train(self, spec: TrainSpec, on_progress=None, restart: bool = False) -> RunResult:
+        """Run (or resume, same run id and spec) a training run on the board; its metrics.
+
+        Args:
+            on_progress: called with {"step", "loss"} dicts while the board trains.
+            restart: drop the run's checkpoints on the board and start over.
+        """
+        msg = self.request(MsgType.TRAIN, {"spec": spec.to_dict(), "restart": restart}, on_progress)
+        return run_result(msg["result"])
+
+    def evaluate(self, artifact: str, data: DataSpec, run: str | None = None, threads: int | None = 2) -> EvalResult:
+        """Accuracy per task on the board, of the artifact's weights or of run `run`'s latest checkpoint."""
+        msg = self.request(MsgType.EVAL, {"artifact": artifact, "data": dataclasses.asdict(data), "run": run,
+                                          "threads": threads})
+        return EvalResult(msg["class_il"], msg["task_il"], msg["source"])
+
+    def bench(self, artifact: str, batch: int = 32, steps: int = 30, warmup: int = 3,
+              threads: int | None = 2) -> BoardLatency:
+        """Training-step latency of `artifact` measured on the board."""
+        msg = self.request(MsgType.BENCH, {"artifact": artifact, "batch": batch, "steps": steps, "warmup": warmup,
+                                           "threads": threads})
+        return BoardLatency(**{f.name: msg[f.name] for f in dataclasses.fields(BoardLatency)})
+
+    def fetch_checkpoint(self, run: str, out_dir: str | Path) -> FetchResult:
+        """Copy run `run`'s latest checkpoint to out_dir/<checkpoint> (+ LATEST) after checking every sha256.
+
+        Raises:
+            AgentError: no such run. TransferError: a file did not check (nothing kept).
+        """
+        out_dir = Path(out_dir)
+        msg = self.request(MsgType.FETCH, {"run": run})
+        checkpoint = check_name(msg["checkpoint"], "checkpoint")
+        incoming = Incoming(out_dir, [FileSpec(**f) for f in msg["files"]])
+        try:
+            while not incoming.complete:
+                frame: Frame = self.link.recv(self.reply_timeout)
+                if frame.kind is MsgType.PROGRESS:  # the agent's heartbeat
+                    continue
+                if frame.kind is not MsgType.CHUNK:
+                    raise ProtocolError(f"expected CHUNK of checkpoint {checkpoint}, got {frame.kind.name}")
+                incoming.write(frame.payload)
+        except (LinkError, TransferError):
+            incoming.discard()
+            raise
+        path = incoming.commit(out_dir / checkpoint)
+        (out_dir / "LATEST").write_text(checkpoint + "\n")
+        return FetchResult(path, checkpoint, run_result(msg["result"]) if msg.get("result") else None)
+
+
+def connect(port: str, baudrate: int = 115200, ack_timeout: float = 2.0, retries: int = 5,
+            reply_timeout: float = 30.0) -> Device:
+    """Open `port` (a pyserial URL), shake hands with the agent, return the Device.
+
+    Raises:
+        LinkClosed: the port cannot be opened. LinkTimeout: no agent answers.
+        AgentError: the agent speaks another protocol version.
+    """
+    device = Device(Link.open(port, baudrate, ack_timeout=ack_timeout, retries=retries, name="host"), reply_timeout)
+    try:
+        device.hello()
+    except BaseException:
+        device.close()
+        raise
+    return device
+
+
+def result_json(result) -> str:
+    return json.dumps(dataclasses.asdict(result), default=str, indent=2)

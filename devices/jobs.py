@@ -1,0 +1,288 @@
+"""What the agent runs on the board: training, evaluation and step-latency jobs as typed specs.
+
+A job names artifacts and data already on the board (pushed by the host, or a data set path
+on the board) and builds the same learner as `edgecl run` does on the host (strategy, replay
+buffer sized by count or by a memory budget), then calls `edgecl.runtime.loop.run_scenario`.
+Imports only the runtime: numpy and onnxruntime, never torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecl.runtime.budget import plan_memory
+from edgecl.runtime.buffer import ReplayBuffer, bytes_per_example
+from edgecl.runtime.data import Dataset, load_dataset
+from edgecl.runtime.loop import RunConfig, RunResult, run_scenario
+from edgecl.runtime.metrics import class_il_accuracy, task_il_accuracy
+from edgecl.runtime.optim import OptimizerConfig
+from edgecl.runtime.scenarios import Scenario, permuted_scenario, split_scenario, train_test_split
+from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
+
+SPLIT_FILE = "split.npz"  # what a pushed data folder holds: x_train, y_train, x_test, y_test, num_classes, name
+SCENARIOS = ("split", "permuted")
+OFFICIAL_TEST = ("fashion-mnist", "cifar10")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where a job's data comes from and how it is cut into tasks.
+
+    Args:
+        data: name of a data folder pushed to the board (holding SPLIT_FILE), or None.
+        board_path: a data set spec on the board (see edgecl.runtime.data.load_dataset, e.g.
+            "npz:/data/x.npz", "fashion-mnist:/usr/share/datasets/fashion-mnist"), or None.
+            Exactly one of data and board_path.
+        scenario: "split" (tasks of `classes_per_task` classes in order) or "permuted".
+        tasks: how many tasks to train (Split Digits with tasks=2: classes 0-1, then 2-3).
+        classes_per_task: classes per task of a split scenario.
+        seed: seeds the 80/20 split of data without an official test split, and permutations.
+    """
+
+    data: str | None = None
+    board_path: str | None = None
+    scenario: str = "split"
+    tasks: int = 5
+    classes_per_task: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.data is None) == (self.board_path is None):
+            raise ValueError(f"data={self.data!r}, board_path={self.board_path!r}; accepted: exactly one of them")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario={self.scenario!r}; accepted: {', '.join(SCENARIOS)}")
+        for name in ("tasks", "classes_per_task"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; accepted: an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """A training run on the board (the fields of `edgecl run`, minus export and plots).
+
+    Args:
+        run: run id; its checkpoints live under workdir/runs/<run>/ and a new train of the
+            same run id resumes from them. artifact: name of pushed artifacts.
+        data: see DataSpec. method: finetune, joint, er or derpp. sparsity: SparCL weight
+            sparsity, None for a dense strategy. tdm / dgm / ddr: SparCL switches.
+        buffer: replay examples (None: what `budget` leaves). budget: memory budget, e.g. "4MiB".
+        epochs, batch_size, lr (SGD), seed, threads (ONNX Runtime intra-op),
+        checkpoint_every: steps between checkpoints (0: task ends only).
+    """
+
+    run: str
+    artifact: str
+    data: DataSpec
+    method: str = "derpp"
+    sparsity: float | None = 0.75
+    tdm: bool = True
+    dgm: bool = True
+    ddr: bool = True
+    buffer: int | None = 500
+    budget: str | None = None
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.1
+    seed: int = 0
+    threads: int | None = 2
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", DataSpec(**self.data))
+        self.strategy()  # validates method and sparsity
+        RunConfig(self.epochs, self.batch_size, self.seed, self.checkpoint_every)
+        if self.sparsity is not None and self.method in ("finetune", "joint"):
+            raise ValueError(f"SparCL (sparsity={self.sparsity}) runs on er or derpp, not {self.method!r}")
+        if self.buffer is not None and self.buffer < 1:
+            raise ValueError(f"buffer={self.buffer}; accepted: >= 1 examples, or None with a budget")
+        if self.buffer is None and self.budget is None and self.method in ("er", "derpp"):
+            raise ValueError(f"method {self.method!r} replays examples: give buffer or budget")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r}; accepted: > 0")
+
+    def strategy(self) -> StrategyConfig:
+        sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr)
+        return StrategyConfig(Method(self.method), replay_batch=self.batch_size, sparcl=sparcl)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_split(folder: str | Path) -> tuple[Dataset, Dataset]:
+    """The train and test data sets of a pushed data folder (SPLIT_FILE)."""
+    with np.load(Path(folder) / SPLIT_FILE, allow_pickle=False) as z:
+        k, name = int(z["num_classes"]), str(z["name"])
+        return (Dataset(f"{name}-train", z["x_train"], z["y_train"], k),
+                Dataset(f"{name}-test", z["x_test"], z["y_test"], k))
+
+
+def save_split(train: Dataset, test: Dataset, folder: str | Path, name: str) -> Path:
+    """Write train and test as one SPLIT_FILE (what the host pushes). Returns the file."""
+    path = Path(folder) / SPLIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x_train=train.x, y_train=train.y, x_test=test.x, y_test=test.y,
+             num_classes=np.int64(train.num_classes), name=np.array(name))
+    return path
+
+
+def build_scenario(spec: DataSpec, workdir: Path) -> Scenario:
+    """The scenario a job trains on, from pushed data or a data set on the board."""
+    if spec.data is not None:
+        folder = workdir / "data" / spec.data
+        if not (folder / SPLIT_FILE).is_file():
+            raise FileNotFoundError(f"no data {spec.data!r} on the board (push it first); have: "
+                                    f"{sorted(p.name for p in (workdir / 'data').glob('*')) or 'none'}")
+        train, test = load_split(folder)
+    else:
+        train = load_dataset(spec.board_path, "train")
+        if spec.board_path.partition(":")[0] in OFFICIAL_TEST:
+            test = load_dataset(spec.board_path, "test")
+        else:
+            train, test = train_test_split(train, 0.2, spec.seed)
+    if spec.scenario == "permuted":
+        return permuted_scenario(train, test, spec.tasks, seed=spec.seed)
+    return split_scenario(train, test, spec.tasks, classes_per_task=spec.classes_per_task)
+
+
+def build_learner(engine, scenario: Scenario, spec: TrainSpec, learner_cls=Learner) -> tuple[Learner, dict]:
+    """The learner `edgecl run` would build (strategy, buffer from count or budget) and its memory plan."""
+    strategy = spec.strategy()
+    derpp = strategy.method is Method.DERPP
+    capacity = spec.buffer if strategy.uses_buffer else 0
+    plan = None
+    if spec.budget is not None:
+        replay = (2 if derpp else 1) * spec.batch_size if strategy.uses_buffer else 0
+        plan = plan_memory(engine.manifest, spec.budget, spec.batch_size, engine.optimizer_config,
+                           replay_batch_size=replay, store_logits=derpp)
+        if strategy.uses_buffer:
+            if spec.buffer is None:
+                capacity = plan.replay_capacity
+            elif spec.buffer > plan.replay_capacity:
+                raise ValueError(f"buffer={spec.buffer} examples does not fit the budget {spec.budget}: it leaves "
+                                 f"room for {plan.replay_capacity}\n{plan.table()}")
+    buffer = (ReplayBuffer(capacity, scenario.input_shape, scenario.num_classes,
+                           np.random.default_rng([spec.seed, 1]), store_logits=derpp)
+              if strategy.uses_buffer else None)
+    learner = learner_cls(engine, strategy, buffer, np.random.default_rng(spec.seed))
+    plan_dict = plan.to_dict() if plan is not None else {
+        "buffer_examples": capacity,
+        "buffer_bytes": capacity * bytes_per_example(scenario.input_shape, scenario.num_classes, derpp)}
+    return learner, plan_dict
+
+
+class _ReportingLearner(Learner):
+    """A Learner that calls `on_step(step, loss)` after every step (progress over the link)."""
+
+    on_step = None
+
+    def observe(self, x, y, indices):
+        loss = super().observe(x, y, indices)
+        if self.on_step is not None:
+            self.on_step(self.step, loss)
+        return loss
+
+
+def open_board_engine(workdir: Path, artifact: str, lr: float, threads: int | None):
+    from edgecl.runtime.open import open_engine
+
+    folder = workdir / "artifacts" / artifact
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no artifact {artifact!r} on the board (push it first); have: "
+                                f"{sorted(p.name for p in (workdir / 'artifacts').glob('*')) or 'none'}")
+    return open_engine(folder, OptimizerConfig("sgd", lr=lr), threads=threads)
+
+
+def run_dir(workdir: Path, run: str) -> Path:
+    return workdir / "runs" / run
+
+
+def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -> RunResult:
+    """Train on the board; resume from workdir/runs/<run>/checkpoints if the same spec ran before.
+
+    Raises:
+        FileNotFoundError: artifact or data not on the board. ValueError: the run id exists with
+            another spec (pass restart=True to start over), or a bad spec / budget.
+    """
+    import shutil
+
+    folder = run_dir(workdir, spec.run)
+    saved = folder / "spec.json"
+    mine = dict(spec.to_dict(), threads=None)
+    if saved.is_file() and not restart and json.loads(saved.read_text()) != mine:
+        raise ValueError(f"run {spec.run!r} exists on the board with another spec; accepted: the same spec "
+                         f"(resumes) or restart")
+    if restart:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenario = build_scenario(spec.data, workdir)
+    engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
+    learner, plan = build_learner(engine, scenario, spec, _ReportingLearner)
+    learner.on_step = on_step
+    saved.write_text(json.dumps(mine))
+    extra = {"job": spec.to_dict(), "label": spec.strategy().label, "budget_plan": plan,
+             "device": {"machine": platform.machine(), "python": platform.python_version()}}
+    result = run_scenario(scenario, learner, RunConfig(spec.epochs, spec.batch_size, spec.seed, spec.checkpoint_every),
+                          folder / "checkpoints", progress=False, extra_config=extra)
+    (folder / "result.json").write_text(json.dumps(result.to_dict()))
+    return result
+
+
+def evaluate(artifact: str, data: DataSpec, workdir: Path, run: str | None = None, threads: int | None = 2) -> dict:
+    """Class-IL and task-IL accuracy per task of the artifact's weights, or of a run's latest checkpoint.
+
+    Returns:
+        {"class_il": [per task], "task_il": [per task], "source": "artifact" or the checkpoint folder}.
+    """
+    from edgecl.runtime.checkpoint import load_checkpoint
+
+    scenario = build_scenario(data, workdir)
+    engine = open_board_engine(workdir, artifact, 0.1, threads)
+    source = "artifact"
+    if run is not None:
+        ckpt = load_checkpoint(run_dir(workdir, run) / "checkpoints", fallback=True)
+        if ckpt is None:
+            raise FileNotFoundError(f"run {run!r} has no checkpoint on the board")
+        engine.load_state_arrays(ckpt.parts["engine"], f"checkpoint {ckpt.path}")
+        source = ckpt.path.name
+    class_il, task_il = [], []
+    for task in scenario.tasks:
+        logits = engine.evaluate(task.x_test)
+        class_il.append(class_il_accuracy(logits, task.y_test))
+        task_il.append(task_il_accuracy(logits, task.y_test, list(task.classes)))
+    return {"class_il": class_il, "task_il": task_il, "source": source}
+
+
+def bench_steps(artifact: str, workdir: Path, batch: int = 32, steps: int = 30, warmup: int = 3,
+                threads: int | None = 2, seed: int = 0) -> dict:
+    """Median and IQR (ms) of `steps` training steps of the engine on the board, random inputs.
+
+    Returns:
+        {"median_ms", "iqr_ms", "steps", "batch", "threads", "engine", "machine", "measured": True}.
+    """
+    if steps < 3 or batch < 2 or warmup < 0:
+        raise ValueError(f"steps={steps}, batch={batch}, warmup={warmup}; accepted: steps >= 3, batch >= 2, "
+                         "warmup >= 0")
+    engine = open_board_engine(workdir, artifact, 0.01, threads)
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch, *engine.manifest.input_shape), dtype=np.float32)
+    y = rng.integers(0, engine.manifest.num_classes, batch)
+    for _ in range(warmup):
+        engine.step(x, y)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step(x, y)
+        times.append(1000 * (time.perf_counter() - t0))
+    q75, q25 = np.percentile(times, [75, 25])
+    return {"median_ms": statistics.median(times), "iqr_ms": float(q75 - q25), "steps": steps, "batch": batch,
+            "threads": threads, "engine": engine.name, "model": engine.manifest.model_name,
+            "machine": platform.machine(), "measured": True}

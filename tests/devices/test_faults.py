@@ -1,0 +1,236 @@
+"""The link under faults injected between host and agent: flipped bytes, dropped bytes, garbage, a
+line held longer than the timeout, a dead line, an agent killed mid-transfer. In every case the
+transfer completes correctly or both sides say what failed, and nothing partial is ever kept."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+from edgecl.devices.agent import Agent
+from edgecl.devices.host import Device, connect
+from edgecl.devices.link import AgentError, Link, LinkError, LinkTimeout, MsgType
+from edgecl.devices.transfer import folder_specs
+from edgecl.runtime.manifest import load_manifest
+from tests.devices.relay import Fault, Relay, agent_command
+
+ACK_S, RETRIES = 0.2, 3
+CHUNK = 1024
+
+
+class LogLines:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+    def __str__(self):
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def line():
+    relay = Relay()
+    yield relay
+    relay.close()
+
+
+@pytest.fixture
+def agent(line, tmp_path):
+    """An agent serving in a thread on the relay's far end (its link stats are visible)."""
+    log = LogLines()
+    a = Agent(Link.open(line.agent_path, ack_timeout=ACK_S, retries=RETRIES, name="agent"), tmp_path / "board",
+              progress_s=0.05, chunk_bytes=CHUNK, log=log)
+    thread = threading.Thread(target=a.serve, daemon=True)
+    thread.start()
+    a.log_text = log
+    yield a
+    a.stop()
+    thread.join(timeout=5)
+    a.link.close()
+
+
+def host(line, reply_timeout=5.0) -> Device:
+    return connect(line.host_path, ack_timeout=ACK_S, retries=RETRIES, reply_timeout=reply_timeout)
+
+
+@pytest.fixture
+def payload(tmp_path):
+    """A flat folder of three files, 13 KiB in all (13 chunks of 1 KiB)."""
+    folder = tmp_path / "payload"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a.bin", 9000), ("b.bin", 4000), ("empty.bin", 0)):
+        (folder / name).write_bytes(rng.bytes(size))
+    return folder
+
+
+def same_files(a, b) -> bool:
+    return [s.to_dict() for s in folder_specs(a)] == [s.to_dict() for s in folder_specs(b)]
+
+
+def test_clean_line_pushes_the_files(line, agent, payload):
+    with host(line) as board:
+        result = board.push(payload, "data", "p", chunk_bytes=CHUNK)
+    assert result.files == 3 and result.bytes == 13000 and result.retransmits == 0
+    assert same_files(payload, agent.workdir / "data" / "p")
+
+
+@pytest.mark.parametrize("direction, skip", [("to_agent", 3000), ("to_agent", 9000), ("to_host", 40)])
+def test_flipped_byte_is_detected_and_resent(line, agent, payload, direction, skip):
+    with host(line) as board:
+        line.after(direction, skip, flip=True)
+        board.push(payload, "data", "p", chunk_bytes=CHUNK)
+        damaged = agent.link.stats.damaged + agent.link.stats.garbage_bytes + board.link.stats.damaged
+        assert board.link.stats.retransmits + agent.link.stats.retransmits >= 1 and damaged >= 1
+    assert same_files(payload, agent.workdir / "data" / "p")
+
+
+def test_dropped_bytes_of_a_chunk_are_resent(line, agent, payload):
+    with host(line) as board:
+        line.after("to_agent", 4000, drop=300)
+        board.push(payload, "data", "p", chunk_bytes=CHUNK)
+        assert board.link.stats.retransmits >= 1
+    assert same_files(payload, agent.workdir / "data" / "p")
+
+
+def test_garbage_on_the_line_is_skipped(line, agent, payload):
+    with host(line) as board:
+        line.inject("to_agent", b"\x00noise EdC\xff" * 10)
+        board.push(payload, "data", "p", chunk_bytes=CHUNK)
+    assert agent.link.stats.garbage_bytes >= 110
+    assert same_files(payload, agent.workdir / "data" / "p")
+
+
+def test_delay_longer_than_the_ack_timeout_resends_and_drops_duplicates(line, agent, payload):
+    with host(line) as board:
+        line.after("to_host", 30, hold_s=2.5 * ACK_S)  # what the agent sends comes late: resent
+        board.push(payload, "data", "p", chunk_bytes=CHUNK)
+        assert board.link.stats.retransmits + agent.link.stats.retransmits >= 1
+        # The late originals and the resent copies both arrive: one is acknowledged and dropped.
+        assert board.link.stats.duplicates + agent.link.stats.duplicates >= 1
+    assert same_files(payload, agent.workdir / "data" / "p")
+
+
+def test_dead_line_fails_cleanly_keeps_nothing_and_recovers(line, agent, payload):
+    board = host(line)
+    line.after("to_agent", 5000, cut=True)
+    with pytest.raises(LinkTimeout, match=r"push of data 'p' stopped at a.bin byte .* after 4 attempts"):
+        board.push(payload, "data", "p", chunk_bytes=CHUNK)
+    assert not (agent.workdir / "data" / "p").exists()
+    line.heal()
+    board.close()
+    with host(line) as board:  # a new session abandons the half transfer and starts over
+        board.push(payload, "data", "p", chunk_bytes=CHUNK)
+    assert same_files(payload, agent.workdir / "data" / "p")
+    assert list((agent.workdir / ".incoming").iterdir()) == []
+
+
+def test_host_gone_before_the_reply_both_sides_say_so(line, agent, payload):
+    from edgecl.devices.transfer import encode_chunk
+
+    board = host(line, reply_timeout=1.5)
+    board.request(MsgType.PUT, {"kind": "data", "name": "p", "files": [s.to_dict() for s in folder_specs(payload)]})
+    for index, name in enumerate(["a.bin", "b.bin"]):
+        board.link.send(MsgType.CHUNK, encode_chunk(index, 0, (payload / name).read_bytes()))
+    line.after("to_host", 0, cut=True)  # from now on the host hears nothing
+    with pytest.raises(LinkTimeout, match="PUT_END"):
+        board.request(MsgType.PUT_END)
+    board.close()
+    for _ in range(100):  # the agent gives up on its reply after its own retries
+        if "could not report" in str(agent.log_text) or "link failed" in str(agent.log_text):
+            break
+        threading.Event().wait(0.05)
+    assert "PUT_END: link failed: agent: no acknowledgement of OK" in str(agent.log_text)
+    assert same_files(payload, agent.workdir / "data" / "p")  # complete and checked: kept
+
+
+def test_wrong_sha256_is_refused_and_nothing_kept(line, agent, payload, tmp_path):
+    specs = [s.to_dict() for s in folder_specs(payload)]
+    specs[0]["sha256"] = hashlib.sha256(b"something else").hexdigest()
+    with host(line) as board:
+        board.request(MsgType.PUT, {"kind": "data", "name": "p", "files": specs})
+        for index, name in enumerate(["a.bin", "b.bin"]):
+            data = (payload / name).read_bytes()
+            from edgecl.devices.transfer import encode_chunk
+            board.link.send(MsgType.CHUNK, encode_chunk(index, 0, data))
+        with pytest.raises(AgentError, match="a.bin.*sha256.*nothing kept"):
+            board.request(MsgType.PUT_END)
+        assert not (agent.workdir / "data" / "p").exists()
+        board.push(payload, "data", "p", chunk_bytes=CHUNK)  # the next push goes through
+    assert same_files(payload, agent.workdir / "data" / "p")
+
+
+def test_other_protocol_version_is_refused(line, agent):
+    with host(line) as board:
+        with pytest.raises(AgentError, match="host speaks protocol 99; this agent speaks 1"):
+            board.request(MsgType.HELLO, {"protocol": 99})
+
+
+def test_artifact_with_an_altered_manifest_file_is_refused(line, agent, payload):
+    (payload / "manifest.json").write_text('{"engine": "portable"}')
+    with host(line) as board:
+        with pytest.raises(AgentError, match="ArtifactError"):
+            board.push(payload, "artifact", "bad", chunk_bytes=CHUNK)
+    assert not (agent.workdir / "artifacts" / "bad").exists()
+
+
+def synthetic_artifact(folder, seed: int):
+    """An artifact folder the agent accepts: a 70 kB file and a manifest with its sha256."""
+    from edgecl.runtime.manifest import Manifest, file_entries
+
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(np.random.default_rng(seed).bytes(70_000))
+    Manifest("portable", (1, 8, 8), 10, (), files=file_entries(folder, ["weights.bin"])).write(folder)
+    return folder
+
+
+def test_agent_killed_mid_transfer_then_restarted(line, tmp_path):
+    old, new = synthetic_artifact(tmp_path / "v1", 1), synthetic_artifact(tmp_path / "v2", 2)
+    workdir = tmp_path / "board"
+    proc = subprocess.Popen(agent_command(line.agent_path, workdir, ACK_S, RETRIES), stderr=open(tmp_path / "agent.log", "a"))
+    try:
+        board = Device(Link.open(line.host_path, ack_timeout=ACK_S, retries=RETRIES), reply_timeout=5)
+        _hello_when_up(board)
+        board.push(old, "artifact", "net", chunk_bytes=CHUNK)  # a first, complete version
+        line.after("to_agent", 40_000, action=lambda: os.kill(proc.pid, signal.SIGKILL))
+        with pytest.raises(LinkTimeout, match="push of artifact 'net' stopped at weights.bin byte"):
+            board.push(new, "artifact", "net", chunk_bytes=CHUNK)
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+        # The killed agent left its partial copy under .incoming; the artifact is the old version, whole.
+        assert any((workdir / ".incoming").iterdir())
+        assert same_files(old, workdir / "artifacts" / "net")
+        load_manifest(workdir / "artifacts" / "net")  # verifies every sha256
+        line.heal()
+        proc = subprocess.Popen(agent_command(line.agent_path, workdir, ACK_S, RETRIES), stderr=open(tmp_path / "agent.log", "a"))
+        _hello_when_up(board)
+        assert not any((workdir / ".incoming").iterdir())  # cleared at start
+        board.push(new, "artifact", "net", chunk_bytes=CHUNK)
+        assert same_files(new, workdir / "artifacts" / "net")
+        assert board.capabilities()["artifacts"] == ["net"]
+        board.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _hello_when_up(board: Device, attempts: int = 40) -> None:
+    """Handshake, retrying while the agent process starts (Python + numpy imports take a moment)."""
+    for _ in range(attempts - 1):
+        try:
+            board.hello()
+            return
+        except LinkTimeout:
+            continue
+    board.hello()
