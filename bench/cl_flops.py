@@ -77,7 +77,9 @@ def _split(run: dict, layers: list[dict]) -> tuple[float, float, float, float, f
     check = (f.total - run["train_flops"]) / run["train_flops"]
     if abs(check) > SPLIT_TOLERANCE:
         return None
-    optimizer = OptimizerConfig(**run["config"].get("optimizer", {})) if "optimizer" in run["config"] else OptimizerConfig()
+    # the runs of `bench run` use the default optimizer (SGD, no momentum) unless their config names one
+    config = run["config"]
+    optimizer = OptimizerConfig.from_dict(config["optimizer"]) if "optimizer" in config else OptimizerConfig()
     update = {n: min(wd[n], gd[n]) for n in wd}
     opt = sum(optimizer_flops(layers, run["steps"], optimizer, update).values())
     return f.forward, f.input_grad, f.weight_grad, opt, check

@@ -147,7 +147,9 @@ def to_csv(report: FlopsReport) -> str:
     for scope in SCOPES:
         b = getattr(report.flops, scope)
         for i, row in enumerate(b.layers):
-            projected = (f"{proj.layers[i].total_ms:.6g}", proj.device) if proj is not None and scope == "step" else ("", "")
+            projected = ("", "")
+            if proj is not None and scope == "step":
+                projected = (f"{proj.layers[i].total_ms:.6g}", proj.device)
             w.writerow([scope, row.weight, *(f"{getattr(row, p):.6g}" for p in PHASES), f"{row.total:.6g}",
                         b.samples, b.steps, *projected])
     return out.getvalue()

@@ -328,7 +328,8 @@ def training_run_flops(layers: Sequence[Mapping], sparsity: SparsityConfig = Spa
         raise ValueError(f"sparsity={sparsity!r}; accepted: a SparsityConfig")
     wd, gd = sparsity.densities(layers)
     frozen = set(sparsity.frozen)
-    update = {n: min(wd[n], gd[n]) for n in wd}  # masked weights get a zero gradient; DGM keeps a fraction of the tensor
+    # masked weights get a zero gradient, and DGM keeps a fraction of the whole tensor: the smaller one is updated
+    update = {n: min(wd[n], gd[n]) for n in wd}
     kept = round(examples_per_epoch * (1.0 - sparsity.data_removal))
     steps_per_epoch = math.ceil(kept / batch)
 
