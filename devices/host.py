@@ -13,6 +13,7 @@ TransferError (a file did not check). Nothing waits forever: every wait has a ti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import tempfile
@@ -237,6 +238,40 @@ class Device:
         path = incoming.commit(out_dir / checkpoint)
         (out_dir / "LATEST").write_text(checkpoint + "\n")
         return FetchResult(path, checkpoint, run_result(msg["result"]) if msg.get("result") else None)
+
+
+def ensure_data(device: Device, source: str, seed: int = 0, force: bool = False, progress: bool = False) -> dict:
+    """Make the data `source` names available on the board; returns the DataSpec fields to use.
+
+    Args:
+        source: "digits" (scikit-learn's digits, loaded here: the board needs no scikit-learn),
+            "npz:PATH" (an .npz on the host with x and y), "board:SPEC" (a data set spec the
+            board loads itself, see edgecl.runtime.data.load_dataset), or the name of pushed data.
+        seed: seeds the stratified 80/20 train/test split of digits and npz data.
+        force: push even if the board already holds data of that name.
+    Returns:
+        {"data": name} or {"board_path": spec}.
+    """
+    if source.startswith("board:"):
+        return {"board_path": source[len("board:"):]}
+    if source != "digits" and not source.startswith("npz:"):
+        return {"data": check_name(source, "data name")}
+    from edgecl.runtime.data import load_digits, load_npz
+    from edgecl.runtime.scenarios import train_test_split
+
+    if source == "digits":
+        name = f"digits-s{seed}"
+    else:
+        path = Path(source[len("npz:"):])
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        name = check_name(f"{path.stem}-{digest}-s{seed}", "data name")
+    if force or name not in device.capabilities()["data"]:
+        dataset = load_digits() if source == "digits" else load_npz(path)
+        train, test = train_test_split(dataset, 0.2, seed)
+        if progress:
+            print(f"pushing data {name!r} ({len(train.y)} train, {len(test.y)} test examples)", flush=True)
+        device.push_data(train, test, name)
+    return {"data": name}
 
 
 def connect(port: str, baudrate: int = 115200, ack_timeout: float = 2.0, retries: int = 5,
