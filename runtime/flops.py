@@ -223,9 +223,15 @@ class SparsityConfig:
         return [n for n in dict.fromkeys(names) if n not in ends]
 
     def densities(self, layers: Sequence[Mapping]) -> tuple[dict[str, float], dict[str, float]]:
-        """(weight_density, grad_density) per sparse weight name, as `training_flops` takes them."""
+        """(weight_density, grad_density) per sparse weight name, as `training_flops` takes them.
+
+        A weight-gradient entry is work only where the weight is active and DGM keeps it (a
+        masked weight's gradient is exactly 0), so the gradient density is
+        min(1 - weight_sparsity, grad_density), as the learner counts before its first DGM mask.
+        """
         sparse = self.sparse_names(layers)
-        return ({n: 1.0 - self.weight_sparsity for n in sparse}, {n: self.grad_density for n in sparse})
+        active = 1.0 - self.weight_sparsity
+        return {n: active for n in sparse}, {n: min(active, self.grad_density) for n in sparse}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -328,8 +334,7 @@ def training_run_flops(layers: Sequence[Mapping], sparsity: SparsityConfig = Spa
         raise ValueError(f"sparsity={sparsity!r}; accepted: a SparsityConfig")
     wd, gd = sparsity.densities(layers)
     frozen = set(sparsity.frozen)
-    # masked weights get a zero gradient, and DGM keeps a fraction of the whole tensor: the smaller one is updated
-    update = {n: min(wd[n], gd[n]) for n in wd}
+    update = gd  # the entries updated are those with a gradient: active and kept by DGM
     kept = round(examples_per_epoch * (1.0 - sparsity.data_removal))
     steps_per_epoch = math.ceil(kept / batch)
 

@@ -163,3 +163,18 @@ def test_report_cli_latency_only_and_memory_only(tmp_path, capsys):
     mem.write_text(json.dumps(MEMORY))
     assert bench_cli.main(["report", "--memory", str(mem), "--out", str(tmp_path / "m")]) == 0
     assert "memory.png" in capsys.readouterr().out
+
+
+def test_flops_table_recognises_the_earlier_weight_gradient_counting(runs_dir):
+    """At sparsity 0.9 (density 0.1 < DGM's 0.2) a count priced over masked weights is recognised."""
+    path = runs_dir / "runs" / "sparcl-derpp-0.75-seed0.json"
+    run = json.loads(path.read_text())
+    run["config"]["strategy"]["sparcl"]["sparsity"] = 0.9
+    run["train_flops"] = training_flops(LAYERS, 8000, {"2.weight": 0.1}, {"2.weight": 0.2}).total
+    (runs_dir / "runs" / "sparcl-derpp-0.90-seed0.json").write_text(json.dumps(run))
+    row = {r.strategy: r for r in cl_flops_table(runs_dir)}["sparcl-derpp-0.90"]
+    assert row.legacy_counting and row.check == pytest.approx(0.0, abs=1e-12)
+    assert row.current_total == pytest.approx(training_flops(LAYERS, 8000, {"2.weight": 0.1}, {"2.weight": 0.1}).total)
+    assert row.current_total < row.train_flops
+    table = markdown_table(cl_flops_table(runs_dir))
+    assert "| SparCL-DER++ 0.75 (1) |" in table and "(1) recorded with weight-gradient work" in table
