@@ -202,3 +202,11 @@ def test_property_a_sparser_config_never_has_more_flops(s, ds, g, dg, r, dr, fro
         x, y = getattr(a, scope), getattr(b, scope)
         for phase in ("forward", "input_grad", "weight_grad", "optimizer", "total"):
             assert getattr(y, phase) <= getattr(x, phase) * (1 + 1e-12) + 1e-9, (scope, phase)
+
+
+def test_weight_gradient_density_counts_only_active_entries_kept_by_dgm():
+    wd, gd = SparsityConfig(0.9, 0.2).densities(TABLE)
+    assert list(wd) == list(gd) == ["2.weight"] and wd["2.weight"] == pytest.approx(0.1)
+    assert gd["2.weight"] == pytest.approx(0.1)  # a masked weight's gradient is 0: min(0.1 active, 0.2 kept)
+    assert SparsityConfig(0.5, 0.2).densities(TABLE)[1] == {"2.weight": 0.2}
+    assert SparsityConfig(0.75).densities(TABLE)[1] == {"2.weight": 0.25}  # no DGM: the active entries
