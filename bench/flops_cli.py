@@ -7,7 +7,6 @@ by default, `--json` (and `--csv` for flops) for machines.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -124,9 +123,3 @@ def _report(args) -> int:
         f"wrote {p}" for p in result.plots))
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover - `bench` is the entry point
-    parser = argparse.ArgumentParser(prog="bench")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args()
-    sys.exit(a.func(a))
