@@ -138,9 +138,10 @@ def _bench(args) -> int:
     if args.json:
         print(json.dumps(r.to_dict()))
     else:
-        print(f"board step latency (measured on the board, {r.machine}): {r.engine} engine, {artifact}, "
-              f"batch {r.batch}, {r.threads} threads, {r.steps} steps\n"
-              f"  median {r.median_ms:.3f} ms   IQR {r.iqr_ms:.3f} ms")
+        print(f"latency measured on the board ({r.machine}): {r.engine} engine, {artifact}, batch {r.batch}, "
+              f"{r.threads} threads, {r.steps} calls each\n"
+              f"  training step  median {r.median_ms:8.3f} ms   IQR {r.iqr_ms:.3f} ms\n"
+              f"  inference      median {r.infer_median_ms:8.3f} ms   IQR {r.infer_iqr_ms:.3f} ms")
     return 0
 
 

@@ -64,10 +64,13 @@ class EvalResult:
 
 @dataclasses.dataclass(frozen=True)
 class BoardLatency:
-    """Step latency measured on the board (never projected): median and IQR over `steps` steps, ms."""
+    """Latency measured on the board (never projected), ms: median and IQR over `steps` training
+    steps (median_ms, iqr_ms) and over `steps` inference calls of the same batch (infer_*)."""
 
     median_ms: float
     iqr_ms: float
+    infer_median_ms: float
+    infer_iqr_ms: float
     steps: int
     batch: int
     threads: int | None
@@ -272,6 +275,20 @@ def ensure_data(device: Device, source: str, seed: int = 0, force: bool = False,
             print(f"pushing data {name!r} ({len(train.y)} train, {len(test.y)} test examples)", flush=True)
         device.push_data(train, test, name)
     return {"data": name}
+
+
+def board_latency(port: str, artifacts: str | Path, batch: int = 32, steps: int = 30, warmup: int = 3,
+                  threads: int | None = 2, baudrate: int = 115200) -> BoardLatency:
+    """Push `artifacts` to the board on `port` (kept as "bench-<sha of manifest>") and measure there.
+
+    For `bench latency --device serial:PORT`: the figures are measured on the board, never projected.
+    """
+    manifest_sha = hashlib.sha256((Path(artifacts) / "manifest.json").read_bytes()).hexdigest()[:10]
+    name = f"bench-{manifest_sha}"
+    with connect(port, baudrate) as device:
+        if name not in device.capabilities()["artifacts"]:
+            device.push(artifacts, "artifact", name)
+        return device.bench(name, batch, steps, warmup, threads)
 
 
 def connect(port: str, baudrate: int = 115200, ack_timeout: float = 2.0, retries: int = 5,

@@ -174,3 +174,14 @@ def test_cli_device_commands(board, pushed, capsys, tmp_path):
     assert "measured on the board" in capsys.readouterr().out
     assert main(["device", "bench", "--artifact", "nope", *port]) == 2
     assert "no artifact 'nope'" in capsys.readouterr().err
+
+
+def test_board_latency_pushes_once_and_measures(board, pushed):
+    from edgecl.devices.host import board_latency
+
+    first = board_latency(board.relay.host_path, pushed, batch=8, steps=3, warmup=0, threads=1)
+    again = board_latency(board.relay.host_path, pushed, batch=8, steps=3, warmup=0, threads=1)
+    assert first.measured and first.median_ms > 0 and first.infer_median_ms > 0 and again.steps == 3
+    with board.device() as device:
+        names = device.capabilities()["artifacts"]
+    assert len([n for n in names if n.startswith("bench-")]) == 1  # pushed once, then reused
