@@ -111,7 +111,7 @@ class TrainSpec:
 
     def strategy(self) -> StrategyConfig:
         sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr)
-        return StrategyConfig(Method(self.method), replay_batch=self.batch_size, sparcl=sparcl)
+        return StrategyConfig(self.method, replay_batch=self.batch_size, sparcl=sparcl)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -147,6 +147,17 @@ class Relay:
                     self._write(direction, data)
 
 
-def agent_command(port: str, workdir, ack_timeout: float = 0.3, retries: int = 3) -> list[str]:
-    return [sys.executable, "-m", "edgecl.devices.agent", "--port", port, "--workdir", str(workdir),
-            "--ack-timeout", str(ack_timeout), "--retries", str(retries), "--progress", "0.2", "--heartbeat", "0.5"]
+# What a board does not have: the agent must run without all of these.
+NOT_ON_BOARD = ("torch", "onnx", "onnxscript", "sklearn", "edgecl.bench", "edgecl.exporters")
+
+
+def agent_command(port: str, workdir, ack_timeout: float = 0.3, retries: int = 3, python: str = sys.executable,
+                  blocked=NOT_ON_BOARD) -> list[str]:
+    """The agent's command line on `port`, in a process where the `blocked` modules cannot be imported.
+
+    python: the interpreter (e.g. the wrapper of an emulated aarch64 one).
+    """
+    launcher = (f"import sys, runpy\nfor m in {tuple(blocked)!r}: sys.modules[m] = None\n"
+                "sys.argv[0] = 'edgecl-agent'\nrunpy.run_module('edgecl.devices.agent', run_name='__main__')")
+    return [python, "-c", launcher, "--port", port, "--workdir", str(workdir), "--ack-timeout", str(ack_timeout),
+            "--retries", str(retries), "--progress", "0.2", "--heartbeat", "0.5"]

@@ -1,0 +1,70 @@
+"""The agent's job specs and data on the board, without a link."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgecl.devices.jobs import DataSpec, TrainSpec, build_scenario, load_split, save_split
+from edgecl.runtime.data import Dataset, save_npz
+
+
+def toy(n: int, name: str, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    return Dataset(name, rng.random((n, 1, 4, 4), dtype=np.float32), np.arange(n) % 4, 4)
+
+
+def test_pushed_split_round_trips_and_cuts_into_tasks(tmp_path):
+    train, test = toy(40, "toy-train"), toy(12, "toy-test", 1)
+    save_split(train, test, tmp_path / "data" / "toy", "toy")
+    got_train, got_test = load_split(tmp_path / "data" / "toy")
+    np.testing.assert_array_equal(got_train.x, train.x)
+    np.testing.assert_array_equal(got_test.y, test.y)
+    scenario = build_scenario(DataSpec("toy", tasks=2, classes_per_task=2), tmp_path)
+    assert [t.classes for t in scenario.tasks] == [(0, 1), (2, 3)]
+    assert len(scenario.tasks[0].y_train) == 20 and scenario.num_classes == 4
+    permuted = build_scenario(DataSpec("toy", scenario="permuted", tasks=3), tmp_path)
+    assert permuted.n_tasks == 3 and len(permuted.tasks[1].y_train) == 40
+
+
+def test_a_data_set_on_the_board_is_split_80_20(tmp_path):
+    save_npz(toy(40, "toy"), tmp_path / "toy.npz")
+    scenario = build_scenario(DataSpec(board_path=f"npz:{tmp_path / 'toy.npz'}", tasks=1, classes_per_task=4), tmp_path)
+    task = scenario.tasks[0]
+    assert (len(task.y_train), len(task.y_test)) == (32, 8)
+
+
+def test_missing_data_names_what_the_board_has(tmp_path):
+    save_split(toy(8, "a"), toy(8, "b"), tmp_path / "data" / "have", "have")
+    with pytest.raises(FileNotFoundError, match=r"no data 'nope' on the board \(push it first\); have: \['have'\]"):
+        build_scenario(DataSpec("nope"), tmp_path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"data": None}, "exactly one of them"),
+    ({"board_path": "npz:/x.npz"}, "exactly one of them"),
+    ({"scenario": "rotated"}, "scenario='rotated'; accepted: split, permuted"),
+    ({"tasks": 0}, "tasks=0; accepted: an integer >= 1"),
+])
+def test_data_spec_refuses_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DataSpec(**{"data": "d", **fields})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "ewc"}, "method='ewc'; accepted: finetune, joint, er, derpp"),
+    ({"method": "finetune"}, "SparCL"),
+    ({"buffer": None}, "give buffer or budget"),
+    ({"buffer": 0}, "buffer=0"),
+    ({"epochs": 0}, "epochs=0"),
+    ({"lr": 0.0}, "lr=0.0"),
+])
+def test_train_spec_refuses_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSpec(**{"run": "r", "artifact": "a", "data": DataSpec("d"), **fields})
+
+
+def test_train_spec_round_trips_through_a_dict():
+    spec = TrainSpec("r", "a", DataSpec("d", tasks=2), sparsity=None, method="er", budget="4MiB", buffer=None)
+    again = TrainSpec(**spec.to_dict())
+    assert again == spec and again.strategy().label == "ER"
