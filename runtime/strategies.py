@@ -244,14 +244,15 @@ class Learner:
         A weight-gradient entry is work only where the weight is active and DGM keeps it: the
         mask multiplies the weight inside the graph, so a masked entry's gradient is exactly 0
         and need not be computed. Its density is measured on the current masks (both), or is
-        min(weight density, DGM density) before the first gradient mask exists.
+        min(weight density, DGM density) before the first gradient mask exists; without DGM
+        it is the weight density.
         """
         if not self.layers:
             self._flops_per_sample = self._dense_flops_per_sample = 0.0
             return
         masks = self.engine.masks()
         weight_density = {n: float(masks[n].mean()) for n in self.sparse_names}
-        grad_density = None
+        grad_density = dict(weight_density)  # without DGM: every active entry
         if self.dgm is not None:
             grad_density = {n: (float(np.mean((masks[n] != 0) & (self.dgm.masks[n] != 0))) if n in self.dgm.masks
                                 else min(weight_density[n], self.dgm.density)) for n in self.sparse_names}

@@ -42,3 +42,18 @@ def test_weight_gradient_work_counts_only_active_and_kept_entries(exported, spar
     assert learner._dense_flops_per_sample == pytest.approx(dense)
     assert learner.train_flops == pytest.approx(31 * 16 * expected, rel=0.2)  # last refresh at step 30
     assert learner.train_flops < learner.dense_train_flops
+
+
+def test_without_dgm_weight_gradient_work_follows_the_weight_mask(exported):
+    _, folder = exported("cnn")
+    engine = open_engine(folder, OptimizerConfig("sgd", lr=0.05), threads=1)
+    config = StrategyConfig("finetune", sparcl=SparCLConfig(sparsity=0.75, dgm=False, ddr=False))
+    learner = Learner(engine, config, None, np.random.default_rng(0))
+    _steps(learner, 2, np.random.default_rng(1))
+    masks = engine.masks()
+    weight_density = {n: float(masks[n].mean()) for n in learner.sparse_names}
+    rows = training_flops(learner.layers, 1, weight_density, weight_density).layers
+    assert learner._flops_per_sample == pytest.approx(sum(r.total for r in rows))
+    by_name = {r.weight: r for r in rows}
+    for n in learner.sparse_names:  # forward, input-grad and weight-grad all at the weight density
+        assert by_name[n].weight_grad == pytest.approx(by_name[n].forward)
