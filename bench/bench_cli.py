@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", default="results/fmnist")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_summary)
+
+    from edgecl.bench.flops_cli import add_parsers as add_flops_devices_report  # flops, devices, report
+
+    add_flops_devices_report(sub)
+
+    from edgecl.bench.latency_cli import add_parsers as add_latency_memory  # latency, memory
+
+    add_latency_memory(sub)
     return parser
 
 
