@@ -126,10 +126,10 @@ def load_split(folder: str | Path) -> tuple[Dataset, Dataset]:
 
 
 def save_split(train: Dataset, test: Dataset, folder: str | Path, name: str) -> Path:
-    """Write train and test as one SPLIT_FILE (what the host pushes). Returns the file."""
+    """Write train and test as one compressed SPLIT_FILE (what the host pushes). Returns the file."""
     path = Path(folder) / SPLIT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x_train=train.x, y_train=train.y, x_test=test.x, y_test=test.y,
+    np.savez_compressed(path, x_train=train.x, y_train=train.y, x_test=test.x, y_test=test.y,
              num_classes=np.int64(train.num_classes), name=np.array(name))
     return path
 

@@ -216,18 +216,24 @@ class Link:
 
     Args:
         port: an open pyserial port (see `open_port`).
-        ack_timeout: seconds to wait for an ACK before resending (must exceed the time one
-            frame takes on the wire: a 4 KiB chunk is 0.36 s at 115200 baud).
+        ack_timeout: seconds to wait for an ACK before resending, on top of the frame's time
+            on the wire (a 4 KiB chunk takes 0.36 s at 115200 baud).
         retries: resends of one frame before giving up (LinkTimeout).
         name: "host" or "agent", for messages.
+        baudrate: bits per second of a real serial line, or None (pseudo-terminal, socket): the
+            time a frame takes on the wire (10 bits a byte) is added to every wait for it.
     """
 
-    def __init__(self, port, ack_timeout: float = 2.0, retries: int = 5, name: str = "host"):
+    def __init__(self, port, ack_timeout: float = 2.0, retries: int = 5, name: str = "host",
+                 baudrate: int | None = None):
         if not ack_timeout > 0:
             raise ValueError(f"ack_timeout={ack_timeout!r}; accepted: > 0 seconds")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries={retries!r}; accepted: an integer >= 0")
+        if baudrate is not None and (isinstance(baudrate, bool) or not isinstance(baudrate, int) or baudrate < 1):
+            raise ValueError(f"baudrate={baudrate!r}; accepted: bits per second >= 1, or None")
         self.port, self.ack_timeout, self.retries, self.name = port, ack_timeout, retries, name
+        self.baudrate = baudrate
         self.stats = LinkStats()
         self._seq = random.SystemRandom().randrange(SEQ_MOD)
         self._last_rx: int | None = None
@@ -239,7 +245,14 @@ class Link:
 
     @classmethod
     def open(cls, url: str, baudrate: int = 115200, **kwargs) -> Link:
-        return cls(open_port(url, baudrate), **kwargs)
+        """Open a pyserial URL; the baud rate counts in timeouts only on a real serial device."""
+        port = open_port(url, baudrate)
+        real = "://" not in url and not url.startswith("/dev/pts/")
+        return cls(port, baudrate=baudrate if real else None, **kwargs)
+
+    def wire_s(self, n_bytes: int) -> float:
+        """Seconds `n_bytes` take on the wire (8N1: 10 bits a byte); 0 without a baud rate."""
+        return 10 * n_bytes / self.baudrate if self.baudrate else 0.0
 
     def close(self) -> None:
         try:
@@ -275,7 +288,7 @@ class Link:
             if attempt:
                 self.stats.retransmits += 1
             self._write(frame)
-            deadline = time.monotonic() + self.ack_timeout
+            deadline = time.monotonic() + self.ack_timeout + self.wire_s(len(frame) + OVERHEAD_BYTES)
             while time.monotonic() < deadline:
                 self._pump(deadline)
                 answer = self._answers.pop(seq, None)
@@ -357,7 +370,8 @@ class Link:
             if consumed or not self._rx or self._partial_since is None:
                 self._partial_since = now if self._rx else None
                 return
-            if now - self._partial_since <= self.ack_timeout:
+            length = HEADER.unpack_from(self._rx, len(MAGIC))[3] if len(self._rx) >= HEADER_BYTES else 0
+            if now - self._partial_since <= self.ack_timeout + self.wire_s(OVERHEAD_BYTES + length):
                 return
             self._rx = self._rx[1:]  # skip this frame's magic and look again
             self.stats.garbage_bytes += 1

@@ -166,3 +166,20 @@ def test_send_gives_up_after_the_retries_when_nobody_answers(tmp_path):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_link_arguments_and_wire_time():
+    port = Link.open("loop://").port
+    assert Link(port, baudrate=9600).wire_s(960) == 1.0  # 10 bits a byte on an 8N1 line
+    assert Link(port).wire_s(960) == 0.0 and Link.open("loop://").baudrate is None
+    for bad, message in (({"ack_timeout": 0}, "ack_timeout=0"), ({"retries": -1}, "retries=-1"),
+                         ({"baudrate": 0}, "baudrate=0")):
+        with pytest.raises(ValueError, match=message):
+            Link(port, **bad)
+
+
+def test_unopenable_port_names_itself():
+    from edgecl.devices.link import LinkClosed
+
+    with pytest.raises(LinkClosed, match="cannot open port '/dev/no-such-tty'"):
+        Link.open("/dev/no-such-tty")
