@@ -120,7 +120,8 @@ class Device:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def request(self, kind: MsgType, payload: dict | None = None, on_progress=None, timeout: float | None = None) -> dict:
+    def request(self, kind: MsgType, payload: dict | None = None, on_progress=None,
+                timeout: float | None = None) -> dict:
         """Send one request and return the agent's OK payload.
 
         Raises:

@@ -4,7 +4,6 @@ in-process. Then evaluation, step latency, the checkpoint, a restart mid-trainin
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 
@@ -14,7 +13,7 @@ import pytest
 from edgecl.devices.host import Device
 from edgecl.devices.jobs import DataSpec, TrainSpec
 from edgecl.devices.link import AgentError, Link, LinkError
-from edgecl.runtime import (OptimizerConfig, ReplayBuffer, RunConfig, load_checkpoint, open_engine, run_scenario)
+from edgecl.runtime import OptimizerConfig, ReplayBuffer, RunConfig, load_checkpoint, open_engine, run_scenario
 from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
 from tests.devices.relay import Relay, agent_command
 from tests.devices.test_faults import _hello_when_up

@@ -15,10 +15,10 @@ import pytest
 
 from edgecl.devices.agent import Agent
 from edgecl.devices.host import Device, connect
-from edgecl.devices.link import AgentError, Link, LinkError, LinkTimeout, MsgType
+from edgecl.devices.link import AgentError, Link, LinkTimeout, MsgType
 from edgecl.devices.transfer import folder_specs
 from edgecl.runtime.manifest import load_manifest
-from tests.devices.relay import Fault, Relay, agent_command
+from tests.devices.relay import Relay, agent_command
 
 ACK_S, RETRIES = 0.2, 3
 CHUNK = 1024
@@ -198,7 +198,8 @@ def synthetic_artifact(folder, seed: int):
 def test_agent_killed_mid_transfer_then_restarted(line, tmp_path):
     old, new = synthetic_artifact(tmp_path / "v1", 1), synthetic_artifact(tmp_path / "v2", 2)
     workdir = tmp_path / "board"
-    proc = subprocess.Popen(agent_command(line.agent_path, workdir, ACK_S, RETRIES), stderr=open(tmp_path / "agent.log", "a"))
+    log = open(tmp_path / "agent.log", "a")
+    proc = subprocess.Popen(agent_command(line.agent_path, workdir, ACK_S, RETRIES), stderr=log)
     try:
         board = Device(Link.open(line.host_path, ack_timeout=ACK_S, retries=RETRIES), reply_timeout=5)
         _hello_when_up(board)
@@ -213,7 +214,7 @@ def test_agent_killed_mid_transfer_then_restarted(line, tmp_path):
         assert same_files(old, workdir / "artifacts" / "net")
         load_manifest(workdir / "artifacts" / "net")  # verifies every sha256
         line.heal()
-        proc = subprocess.Popen(agent_command(line.agent_path, workdir, ACK_S, RETRIES), stderr=open(tmp_path / "agent.log", "a"))
+        proc = subprocess.Popen(agent_command(line.agent_path, workdir, ACK_S, RETRIES), stderr=log)
         _hello_when_up(board)
         assert not any((workdir / ".incoming").iterdir())  # cleared at start
         board.push(new, "artifact", "net", chunk_bytes=CHUNK)
@@ -223,6 +224,7 @@ def test_agent_killed_mid_transfer_then_restarted(line, tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+        log.close()
 
 
 def _hello_when_up(board: Device, attempts: int = 40) -> None:
