@@ -89,13 +89,16 @@ class Agent:
         heartbeat_s: time between PROGRESS frames ({"alive": true}) while any request is being
             handled, so the host tells a slow board (first onnxruntime import, a long step) from
             a dead one.
+        transfer_timeout_s: a transfer with no CHUNK for this long is abandoned (its files deleted).
         chunk_bytes: CHUNK size when sending a checkpoint back.
     """
 
     def __init__(self, link: Link, workdir: str | Path, progress_s: float = 0.5, heartbeat_s: float = 1.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, log=sys.stderr):
+                 transfer_timeout_s: float = 60.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES, log=sys.stderr):
         self.link, self.workdir = link, Path(workdir)
         self.progress_s, self.heartbeat_s, self.chunk_bytes, self.log = progress_s, heartbeat_s, chunk_bytes, log
+        self.transfer_timeout_s = transfer_timeout_s
+        self.last_chunk = 0.0  # time.monotonic() of the transfer's last PUT or CHUNK
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.incoming: tuple[Incoming, str, str] | None = None
         self.request_id = None
@@ -117,8 +120,18 @@ class Agent:
             try:
                 frame = self.link.recv(timeout=0.2)
             except LinkTimeout:
+                self._abandon_stalled_transfer()
                 continue
             self.handle(frame)
+
+    def _abandon_stalled_transfer(self) -> None:
+        if self.incoming is not None and time.monotonic() - self.last_chunk > self.transfer_timeout_s:
+            incoming, kind, name = self.incoming
+            self.incoming = None
+            incoming.discard()
+            self.say(f"transfer of {kind} {name!r} abandoned: no data for {self.transfer_timeout_s:.1f} s "
+                     f"({sum(incoming.received):,} of {sum(s.bytes for s in incoming.specs):,} B received); "
+                     "nothing kept")
 
     def stop(self) -> None:
         """Make `serve` return within 0.2 s once the request in hand is done."""
@@ -208,10 +221,12 @@ class Agent:
         specs = [FileSpec(**f) for f in msg.get("files", [])]
         self.incoming = (Incoming(self.workdir, specs), kind, name)
         self.transfer_error = None
+        self.last_chunk = time.monotonic()
         self.say(f"receiving {kind} {name!r}: {len(specs)} files, {sum(s.bytes for s in specs):,} B")
         return {"ready": True}
 
     def _chunk(self, payload: bytes) -> None:
+        self.last_chunk = time.monotonic()
         if self.transfer_error is not None:
             return
         try:
@@ -295,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=5, help="resends of a frame before giving up on it")
     p.add_argument("--progress", type=float, default=0.5, help="seconds between progress messages in training")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between 'alive' messages while busy")
+    p.add_argument("--transfer-timeout", type=float, default=60.0, help="seconds without data before a transfer "
+                   "is abandoned")
     return p
 
 
@@ -304,7 +321,7 @@ def main(argv=None) -> int:
     try:
         link = Link.open(args.port, args.baud, ack_timeout=args.ack_timeout, retries=args.retries, name="agent")
         with link:
-            Agent(link, args.workdir, args.progress, args.heartbeat).serve()
+            Agent(link, args.workdir, args.progress, args.heartbeat, args.transfer_timeout).serve()
     except LinkClosed as e:
         print(f"edgecl-agent: error: {e}", file=sys.stderr)
         return 3

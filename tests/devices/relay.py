@@ -160,4 +160,4 @@ def agent_command(port: str, workdir, ack_timeout: float = 0.3, retries: int = 3
     launcher = (f"import sys, runpy\nfor m in {tuple(blocked)!r}: sys.modules[m] = None\n"
                 "sys.argv[0] = 'edgecl-agent'\nrunpy.run_module('edgecl.devices.agent', run_name='__main__')")
     return [python, "-c", launcher, "--port", port, "--workdir", str(workdir), "--ack-timeout", str(ack_timeout),
-            "--retries", str(retries), "--progress", "0.2", "--heartbeat", "0.5"]
+            "--retries", str(retries), "--progress", "0.2", "--heartbeat", "0.5", "--transfer-timeout", "5"]

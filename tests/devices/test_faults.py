@@ -50,7 +50,7 @@ def agent(line, tmp_path):
     """An agent serving in a thread on the relay's far end (its link stats are visible)."""
     log = LogLines()
     a = Agent(Link.open(line.agent_path, ack_timeout=ACK_S, retries=RETRIES, name="agent"), tmp_path / "board",
-              progress_s=0.05, chunk_bytes=CHUNK, log=log)
+              progress_s=0.05, transfer_timeout_s=1.0, chunk_bytes=CHUNK, log=log)
     thread = threading.Thread(target=a.serve, daemon=True)
     thread.start()
     a.log_text = log
@@ -58,6 +58,14 @@ def agent(line, tmp_path):
     a.stop()
     thread.join(timeout=5)
     a.link.close()
+
+
+def wait_for_log(agent, text: str, polls: int = 200) -> None:
+    """Poll the agent's log (every 50 ms) until `text` shows up or the polls run out."""
+    for _ in range(polls):
+        if text in str(agent.log_text):
+            return
+        threading.Event().wait(0.05)
 
 
 def host(line, reply_timeout=5.0) -> Device:
@@ -128,6 +136,9 @@ def test_dead_line_fails_cleanly_keeps_nothing_and_recovers(line, agent, payload
     with pytest.raises(LinkTimeout, match=r"push of data 'p' stopped at a.bin byte .* after 4 attempts"):
         board.push(payload, "data", "p", chunk_bytes=CHUNK)
     assert not (agent.workdir / "data" / "p").exists()
+    wait_for_log(agent, "abandoned")  # the agent, too, says the transfer stopped, and drops the partial files
+    assert "transfer of data 'p' abandoned: no data for 1.0 s" in str(agent.log_text)
+    assert list((agent.workdir / ".incoming").iterdir()) == []
     line.heal()
     board.close()
     with host(line) as board:  # a new session abandons the half transfer and starts over
@@ -147,10 +158,7 @@ def test_host_gone_before_the_reply_both_sides_say_so(line, agent, payload):
     with pytest.raises(LinkTimeout, match="PUT_END"):
         board.request(MsgType.PUT_END)
     board.close()
-    for _ in range(100):  # the agent gives up on its reply after its own retries
-        if "could not report" in str(agent.log_text) or "link failed" in str(agent.log_text):
-            break
-        threading.Event().wait(0.05)
+    wait_for_log(agent, "link failed")  # the agent gives up on its reply after its own retries
     assert "PUT_END: link failed: agent: no acknowledgement of OK" in str(agent.log_text)
     assert same_files(payload, agent.workdir / "data" / "p")  # complete and checked: kept
 
@@ -236,3 +244,39 @@ def _hello_when_up(board: Device, attempts: int = 40) -> None:
         except LinkTimeout:
             continue
     board.hello()
+
+
+def test_socket_url_carries_the_same_protocol(tmp_path, payload):
+    """socket://HOST:PORT (e.g. a UART served by ser2net): a TCP bridge joins the two clients."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    url = f"socket://127.0.0.1:{server.getsockname()[1]}"
+    ends = []
+
+    def bridge():
+        ends.extend(server.accept()[0] for _ in range(2))
+        a, b = ends
+        import select
+        while True:
+            ready, _, _ = select.select([a, b], [], [], 0.1)
+            for s in ready:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+
+    threading.Thread(target=bridge, daemon=True).start()
+    a = Agent(Link.open(url, ack_timeout=ACK_S, retries=RETRIES, name="agent"), tmp_path / "board", log=LogLines())
+    thread = threading.Thread(target=a.serve, daemon=True)
+    thread.start()
+    try:
+        with connect(url, ack_timeout=ACK_S, retries=RETRIES, reply_timeout=5) as board:
+            board.push(payload, "data", "p", chunk_bytes=CHUNK)
+        assert same_files(payload, a.workdir / "data" / "p")
+    finally:
+        a.stop()
+        thread.join(timeout=5)
+        a.link.close()
+        for s in ends + [server]:
+            s.close()
