@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import onnxruntime as ort
-
 from .errors import ArtifactError
+
+
+def import_onnxruntime():
+    """Import onnxruntime without letting its build check load torch; return the module.
+
+    `import onnxruntime` from onnxruntime-training-cpu 1.19.2 first tries
+    `from onnxruntime.training.ortmodule import ORTModule` (to look for a CUDA build), and
+    that imports torch whenever torch is installed: on this host it cost 6 s and 250 MB
+    (VmHWM 290 MB against 44 MB) in a process that never uses torch, and with torch 2.13
+    the import then fails anyway (ImportError, which onnxruntime catches: "no ORTModule").
+    Marking that one module absent while onnxruntime loads gives the same outcome without
+    loading torch; the mark is removed at once, so a later explicit import behaves as usual.
+    Stock onnxruntime has no such check and is not affected.
+    """
+    probe = "onnxruntime.training.ortmodule"
+    if "onnxruntime" in sys.modules or probe in sys.modules:
+        import onnxruntime
+
+        return onnxruntime
+    sys.modules[probe] = None  # importing it now raises ImportError without running any code
+    try:
+        import onnxruntime
+    finally:
+        if probe in sys.modules and sys.modules[probe] is None:
+            del sys.modules[probe]
+    return onnxruntime
+
+
+ort = import_onnxruntime()
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
