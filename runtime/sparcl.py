@@ -244,31 +244,39 @@ class DDRSchedule(_Config):
         every: epochs between removals / epochs per task (5 / 50 in the released code).
         stop_after: last removal epoch / epochs per task (20 / 50).
         max_fraction: cap on the task's data removed over the whole task (3000 / 10000).
+        min_window: fewest epochs of statistics a removal decides on. A forgetting event
+            needs two presentations of an example and the statistics restart after each
+            removal, so with 1 a short task would remove on no information at all.
     """
 
     every: float = 0.1
     stop_after: float = 0.4
     max_fraction: float = 0.3
+    min_window: int = 2
 
     def __post_init__(self):
         for name in ("every", "stop_after", "max_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"DDRSchedule.{name}={getattr(self, name)!r}; accepted: a number in (0, 1]")
+        if isinstance(self.min_window, bool) or not isinstance(self.min_window, int) or self.min_window < 1:
+            raise ValueError(f"DDRSchedule.min_window={self.min_window!r}; accepted: an integer >= 1")
 
 
 def ddr_schedule(epochs_per_task: int, schedule: DDRSchedule = DDRSchedule()) -> dict[int, float]:
     """Epoch (0-based, at its start) -> fraction of the task's examples to remove then.
 
-    Removal epochs are the multiples of round(every * E) (at least 1) in
-    [1, floor(stop_after * E)]; max_fraction is split evenly among them, so the total
-    never exceeds the cap. E = 50: {5: 0.075, 10: 0.075, 15: 0.075, 20: 0.075}.
+    Removal epochs are the multiples of w = max(round(every * E), min_window) in
+    [w, max(floor(stop_after * E), w)] that are < E; max_fraction is split evenly among
+    them, so the total never exceeds the cap. E = 50: {5: 0.075, 10: 0.075, 15: 0.075,
+    20: 0.075} (the released code); E = 10: {2: 0.15, 4: 0.15}; E = 3: {2: 0.3}; E <= 2: {}.
 
     Raises:
         ValueError: epochs_per_task is not an integer >= 1.
     """
     e = _check_epochs(epochs_per_task)
-    every = max(1, keep_count(e, schedule.every))
-    epochs = range(every, int(math.floor(schedule.stop_after * e + _EPS)) + 1, every)
+    every = max(keep_count(e, schedule.every), schedule.min_window)
+    last = min(max(int(math.floor(schedule.stop_after * e + _EPS)), every), e - 1)
+    epochs = range(every, last + 1, every)
     return {ep: schedule.max_fraction / len(epochs) for ep in epochs}
 
 

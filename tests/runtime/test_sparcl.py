@@ -205,11 +205,22 @@ def test_ddr_schedule_matches_released_code_at_50_epochs():
     assert DDRSchedule.from_dict(DDRSchedule().to_dict()) == DDRSchedule()
 
 
+def test_ddr_schedule_waits_for_two_epochs_of_statistics():
+    # one epoch since the last reset holds no forgetting event (it needs two presentations)
+    assert ddr_schedule(2) == {}
+    assert ddr_schedule(3) == {2: pytest.approx(0.3)}
+    assert ddr_schedule(10) == {2: pytest.approx(0.15), 4: pytest.approx(0.15)}
+    assert list(ddr_schedule(10, DDRSchedule(min_window=1))) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="min_window=0"):
+        DDRSchedule(min_window=0)
+
+
 @given(st.integers(1, 500), st.floats(0.01, 1.0), st.floats(0.01, 1.0), st.floats(0.01, 1.0))
 def test_ddr_schedule_total_never_above_cap(epochs, every, stop, cap):
     plan = ddr_schedule(epochs, DDRSchedule(every=every, stop_after=stop, max_fraction=cap))
     assert sum(plan.values()) <= cap + 1e-12
-    assert all(1 <= e < epochs + 1 for e in plan)
+    assert all(1 <= e < epochs for e in plan)
+    assert all(b - a >= 2 for a, b in zip([0, *plan], plan))  # every removal sees >= 2 epochs
 
 
 # --- forgetting and removal -----------------------------------------------------
