@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +30,14 @@ from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyCon
 SPLIT_FILE = "split.npz"  # what a pushed data folder holds: x_train, y_train, x_test, y_test, num_classes, name
 SCENARIOS = ("split", "permuted")
 OFFICIAL_TEST = ("fashion-mnist", "cifar10")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_job_name(what: str, value) -> str:
+    """A run, artifact or data name that stays inside the workdir. Raises ValueError otherwise."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{what}={value!r}; accepted: 1-128 letters, digits, '_', '.', '-', not starting with '.'")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +65,8 @@ class DataSpec:
     def __post_init__(self):
         if (self.data is None) == (self.board_path is None):
             raise ValueError(f"data={self.data!r}, board_path={self.board_path!r}; accepted: exactly one of them")
+        if self.data is not None:
+            check_job_name("data", self.data)
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario={self.scenario!r}; accepted: {', '.join(SCENARIOS)}")
         for name in ("tasks", "classes_per_task"):
@@ -98,6 +109,8 @@ class TrainSpec:
     def __post_init__(self):
         if isinstance(self.data, dict):
             object.__setattr__(self, "data", DataSpec(**self.data))
+        check_job_name("run", self.run)
+        check_job_name("artifact", self.artifact)
         self.strategy()  # validates method and sparsity
         RunConfig(self.epochs, self.batch_size, self.seed, self.checkpoint_every)
         if self.sparsity is not None and self.method in ("finetune", "joint"):
@@ -194,7 +207,7 @@ class _ReportingLearner(Learner):
 def open_board_engine(workdir: Path, artifact: str, lr: float, threads: int | None):
     from edgecl.runtime.open import open_engine
 
-    folder = workdir / "artifacts" / artifact
+    folder = workdir / "artifacts" / check_job_name("artifact", artifact)
     if not folder.is_dir():
         raise FileNotFoundError(f"no artifact {artifact!r} on the board (push it first); have: "
                                 f"{sorted(p.name for p in (workdir / 'artifacts').glob('*')) or 'none'}")
@@ -202,7 +215,7 @@ def open_board_engine(workdir: Path, artifact: str, lr: float, threads: int | No
 
 
 def run_dir(workdir: Path, run: str) -> Path:
-    return workdir / "runs" / run
+    return workdir / "runs" / check_job_name("run", run)
 
 
 def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -> RunResult:

@@ -34,7 +34,11 @@ class Fault:
 
 
 class Relay:
-    def __init__(self):
+    """Args: bytes_per_s: pace each direction like a serial line (115200 baud 8N1: 11520), or None."""
+
+    def __init__(self, bytes_per_s: float | None = None):
+        self.bytes_per_s = bytes_per_s
+        self.clock = {d: 0.0 for d in DIRECTIONS}  # when the paced line is free again
         self._fds = []
         self.masters, self.paths = {}, {}
         for side in ("host", "agent"):
@@ -143,8 +147,14 @@ class Relay:
             now = time.monotonic()
             for direction in DIRECTIONS:
                 if self.held[direction] and now >= self.held_until[direction]:
-                    data, self.held[direction] = self.held[direction], b""
-                    self._write(direction, data)
+                    n = len(self.held[direction])
+                    if self.bytes_per_s:
+                        start = max(self.clock[direction], now - 0.01)  # no credit saved up past 10 ms
+                        n = min(n, int((now - start) * self.bytes_per_s))
+                        self.clock[direction] = start + n / self.bytes_per_s
+                    data, self.held[direction] = self.held[direction][:n], self.held[direction][n:]
+                    if data:
+                        self._write(direction, data)
 
 
 # What a board does not have: the agent must run without all of these.

@@ -45,6 +45,7 @@ def test_missing_data_names_what_the_board_has(tmp_path):
     ({"board_path": "npz:/x.npz"}, "exactly one of them"),
     ({"scenario": "rotated"}, "scenario='rotated'; accepted: split, permuted"),
     ({"tasks": 0}, "tasks=0; accepted: an integer >= 1"),
+    ({"data": ".."}, "data='..'; accepted"),
 ])
 def test_data_spec_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -58,6 +59,8 @@ def test_data_spec_refuses_bad_fields(fields, message):
     ({"buffer": 0}, "buffer=0"),
     ({"epochs": 0}, "epochs=0"),
     ({"lr": 0.0}, "lr=0.0"),
+    ({"run": "../../etc"}, "run='../../etc'; accepted"),
+    ({"artifact": "a/b"}, "artifact='a/b'; accepted"),
 ])
 def test_train_spec_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):
