@@ -122,7 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_train)
+
+    from edgecl.devices.cli import add_device_parser
+
+    add_device_parser(sub, format_run=_format_run)
     return parser
+
+
+def _format_run(result) -> str:
+    from edgecl.bench.cl_run import format_result
+
+    return format_result(result)
 
 
 def main(argv=None) -> int:
