@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .fresh_process import ENGINES, MODEL_NAMES, check_engines, check_shape, prepare, run_fresh
+from .fresh_process import ENGINES, MODEL_NAMES, NUM_CLASSES, check_engines, check_shape, prepare, run_fresh
 
 PHASES = ("train", "infer", "cold_start")
 SOURCES = ("measured", "projected")
@@ -185,7 +185,7 @@ def _open_engines(config: LatencyConfig, prepared) -> dict:
                 engines[name] = TorchEngine.from_artifacts(net, next(iter(prepared.artifacts.values())),
                                                            threads=config.threads)
             else:
-                engines[name] = TorchEngine(net, config.input_shape, 10, threads=config.threads)
+                engines[name] = TorchEngine(net, config.input_shape, NUM_CLASSES, threads=config.threads)
         else:
             engines[name] = open_engine(prepared.artifacts[name], threads=config.threads)
     return engines

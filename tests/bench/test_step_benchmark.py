@@ -2,8 +2,10 @@
 
 Batch 32, 2 threads, SGD; the small CNN and the MLP at 8x8 (digits: so small that
 per-call overheads dominate) and 28x28 (Fashion-MNIST); dense, plus the CNN with
-90 %-sparse masks (the mask handling SparCL adds; the kernels stay dense). Each
-model and input size is one pytest-benchmark group, so the engines print side by side.
+90 %-sparse masks (the mask handling SparCL adds; the kernels stay dense); the small
+ResNet and the MobileNet-style net at 8x8. Each model and input size is one
+pytest-benchmark group, so the engines print side by side. `bench latency` measures
+the same steps with the engines taking turns, plus inference and cold start.
 
 The normal test run skips them (pyproject: `--benchmark-skip`, which skips at
 collection, before any export). To measure:
@@ -12,6 +14,12 @@ collection, before any export). To measure:
         --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name --benchmark-json=step.json
     python -m tests.bench.test_step_benchmark step.json   # median table with ratios to torch eager
     python -m tests.bench.test_step_benchmark --interleaved   # the same, engines taking turns (busy machine)
+
+Baseline and comparison (with tests/bench/test_hotpaths_benchmark.py):
+
+    pytest tests/bench --benchmark-only --benchmark-storage=file://bench/baselines --benchmark-save=baseline
+    pytest tests/bench --benchmark-only --benchmark-storage=file://bench/baselines \\
+        --benchmark-compare=0001 --benchmark-compare-fail=median:25%
 
 OMP_WAIT_POLICY=PASSIVE (set below if unset, before torch loads its OpenMP runtime):
 torch's OpenMP threads then sleep between parallel regions, as ONNX Runtime's threads
@@ -43,7 +51,7 @@ WARMUP = 20
 ENGINES = ("torch", "portable", "ort-training")
 CASES = [  # (model, input size, masked)
     ("mlp", 8, False), ("mlp", 28, False), ("cnn", 8, False), ("cnn", 8, True), ("cnn", 28, False),
-    ("cnn", 28, True),
+    ("cnn", 28, True), ("resnet", 8, False), ("mobilenet", 8, False),
 ]
 DENSITY = 0.1  # of the masked variant (SparCL's 90 % sparsity)
 
