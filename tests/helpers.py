@@ -1,6 +1,17 @@
-"""Shared fixtures: exported artifacts are cached per test session (exports take seconds)."""
+"""Shared fixtures: exported artifacts are cached per test session (exports take seconds).
+
+Where torch is absent (the emulated-ARM job), the artifacts come from a folder exported
+beforehand on the host: `python -m tests.helpers export-fixtures DIR` writes every entry of
+FIXTURES there, and EDGECL_TEST_ARTIFACTS=DIR (read by the test harness only, never by the
+library) makes the `exported` fixture load from it.
+"""
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,22 +61,73 @@ def make_model(name: str, seed: int = 0, **kwargs):
     return perturb_batchnorm(build_model(name, in_shape=IN_SHAPE, num_classes=10, seed=seed, **kwargs), seed)
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """exported(name, engine, masks="weights", trainable=None) -> (model, artifact folder), cached."""
-    torch = pytest.importorskip("torch", reason="exporting needs torch (host side)")
+ARTIFACTS_ENV = "EDGECL_TEST_ARTIFACTS"
+# How many times slower than native this test run is (the emulated-ARM job sets 10): tests with
+# fixed timeouts multiply them by it. Read by the test harness only.
+TIME_SCALE = float(os.environ.get("EDGECL_TEST_TIME_SCALE", "1"))
+
+# Every artifact the tests that run without torch ask `exported` for:
+# (name, engine, masks, trainable), as `fixture_key` normalises them.
+FIXTURES = (
+    ("mlp", "portable", "weights", None),
+    ("cnn", "portable", "weights", None),
+)
+
+
+def fixture_key(name: str, engine: str = "portable", masks="weights", trainable=None) -> tuple:
+    """The cache key of one export: masks and trainable as hashable, order-free where order is free."""
+    return (name, engine, masks if isinstance(masks, (str, type(None))) else tuple(masks),
+            None if trainable is None else tuple(sorted(trainable)))
+
+
+def fixture_dirname(key: tuple) -> str:
+    """Folder name of an exported fixture inside an EDGECL_TEST_ARTIFACTS folder."""
+    name, engine, masks, trainable = key
+    masks = "none" if masks is None else masks if isinstance(masks, str) else "+".join(masks)
+    trainable = "all" if trainable is None else "+".join(trainable)
+    return f"{name}--{engine}--{masks}--{trainable}"
+
+
+def export_fixture(key: tuple, folder: Path):
+    """Export the model of `key` into folder / "art" (needs torch); returns the torch model."""
+    import torch
+
     from edgecl.exporters import export
 
+    name, engine, masks, trainable = key
+    model = make_model(name)
+    export(model, torch.randn(4, *IN_SHAPE), folder / "art", engine=engine, masks=masks,
+           trainable=None if trainable is None else list(trainable))
+    return model
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(name, engine, masks="weights", trainable=None) -> (model, artifact folder), cached.
+
+    With EDGECL_TEST_ARTIFACTS set, the folder comes from there and model is None (tests that
+    need the torch model are marked `torch`); a key missing there fails, naming FIXTURES.
+    """
+    prebuilt = os.environ.get(ARTIFACTS_ENV)
+    if prebuilt:
+        def load(name: str, engine: str = "portable", masks="weights", trainable=None):
+            key = fixture_key(name, engine, masks, trainable)
+            folder = Path(prebuilt) / fixture_dirname(key) / "art"
+            if not (folder / "manifest.json").is_file():
+                pytest.fail(f"{ARTIFACTS_ENV}={prebuilt} has no artifact {key} ({folder}): "
+                            "add it to tests.helpers.FIXTURES, or mark the test `torch`")
+            return None, folder
+
+        return load
+
+    pytest.importorskip("torch", reason="exporting needs torch (host side)")
     cache = {}
 
     def get(name: str, engine: str = "portable", masks="weights", trainable=None):
-        key = (name, engine, masks if isinstance(masks, (str, type(None))) else tuple(masks),
-               None if trainable is None else tuple(sorted(trainable)))
+        key = fixture_key(name, engine, masks, trainable)
         if key not in cache:
-            model = make_model(name)
             folder = tmp_path_factory.mktemp(f"{name}-{engine}")
-            export(model, torch.randn(4, *IN_SHAPE), folder / "art", engine=engine, masks=masks, trainable=trainable)
-            cache[key] = (model, folder / "art")
+            cache[key] = (export_fixture(key, folder), folder / "art")
         return cache[key]
 
     return get
@@ -80,3 +142,21 @@ def batch(rng, n=32, k=10):
     x = rng.standard_normal((n, *IN_SHAPE), dtype=np.float32)
     y = rng.integers(0, k, n)
     return x, y
+
+
+def main(argv=None) -> int:
+    """`python -m tests.helpers export-fixtures DIR`: export every FIXTURES entry into DIR."""
+    parser = argparse.ArgumentParser(prog="python -m tests.helpers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("export-fixtures", help="export the artifacts the torch-free tests need")
+    cmd.add_argument("dir", type=Path, help=f"output folder, then given to the tests as {ARTIFACTS_ENV}")
+    args = parser.parse_args(argv)
+    for key in FIXTURES:
+        folder = args.dir / fixture_dirname(key)
+        export_fixture(key, folder)
+        print(f"{folder / 'art'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
