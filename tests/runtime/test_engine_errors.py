@@ -11,7 +11,7 @@ from edgecl.runtime import ArtifactError, BatchError, open_engine
 from tests.helpers import batch
 
 
-@pytest.fixture(params=["portable", "ort-training"])
+@pytest.fixture(params=["portable", pytest.param("ort-training", marks=pytest.mark.ort_training)])
 def engine(request, exported):
     _, folder = exported("cnn", request.param)
     return open_engine(folder)

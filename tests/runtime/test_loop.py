@@ -89,6 +89,7 @@ def test_permuted_digits_is_domain_incremental(exported):
     assert r[2, 2] > 0.5  # it learns the latest permutation
 
 
+@pytest.mark.torch
 def test_torch_reference_counts_the_same_flops(exported, scenario):
     from edgecl.exporters.reference import TorchEngine
 

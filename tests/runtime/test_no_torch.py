@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("engine", ["portable", "ort-training"])
+@pytest.mark.parametrize("engine", ["portable", pytest.param("ort-training", marks=pytest.mark.ort_training)])
 def test_runtime_trains_with_torch_unimportable(exported, engine):
     _, folder = exported("cnn", engine)
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], capture_output=True, text=True, timeout=300)

@@ -7,7 +7,7 @@ import pytest
 
 from edgecl.runtime.optim import NumpyOptimizer, OptimizerConfig
 
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch  # the reference is torch.optim
 
 CONFIGS = [
     OptimizerConfig("sgd", lr=0.1),
@@ -19,6 +19,8 @@ CONFIGS = [
 
 
 def _torch_optimizer(config, params):
+    import torch
+
     if config.kind.value == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=config.dampening,
                                nesterov=config.nesterov, weight_decay=config.weight_decay)
@@ -27,6 +29,7 @@ def _torch_optimizer(config, params):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kind.value}-{c.momentum}-{c.nesterov}-{c.eps}")
 def test_numpy_optimizer_matches_torch(config):
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((50, 20)).astype(np.float32)
     p = torch.nn.Parameter(torch.from_numpy(w0.copy()))

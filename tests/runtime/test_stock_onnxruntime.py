@@ -30,6 +30,7 @@ print(json.dumps({"ort": onnxruntime.__version__, "losses": losses, "dists": nam
 """
 
 
+@pytest.mark.ort_training  # compares with the training build in this process
 @pytest.mark.skipif(not STOCK_PYTHON.exists(), reason="no .venv-stock-ort: ./bootstrap.sh test creates it")
 @pytest.mark.parametrize("name", ["cnn", "resnet"])
 def test_portable_engine_on_stock_onnxruntime_matches(exported, name):
