@@ -43,6 +43,17 @@ if [ "${1:-run}" = test ] && { [ ! -f .venv-stock-ort/.ok ] || [ pyproject.toml 
   touch .venv-stock-ort/.ok
 fi
 
+# The emulated aarch64 board of the tests (.ci/arm.sh: Debian arm64 root fs, qemu-user-static,
+# stock onnxruntime; cached in ~/.cache/edgecl-arm, ~1-2 min the first time):
+# tests/devices/test_agent_arm.py runs the device agent on it.
+if [ "${1:-run}" = test ]; then
+  if [ "$(id -u)" = 0 ] && [ "$(uname -m)" = x86_64 ] && command -v apt-get >/dev/null; then
+    .ci/arm.sh setup || echo "warning: emulated aarch64 set-up failed; tests/devices/test_agent_arm.py will say so"
+  else
+    echo "note: not root on x86-64 Debian; skipped the emulated aarch64 set-up (.ci/arm.sh setup)"
+  fi
+fi
+
 export OMP_WAIT_POLICY=PASSIVE
 case "${1:-run}" in
   run)  shift || true; exec .venv/bin/edgecl run "$@" ;;
