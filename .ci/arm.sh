@@ -20,6 +20,8 @@
 # /proc/cpuinfo (onnxruntime's cpuinfo crashes under qemu on the x86 one), a fresh /tmp.
 # Cache: $EDGECL_ARM_CACHE, default ~/.cache/edgecl-arm (root fs + wheels, ~300 MB);
 # delete it to start from nothing. Needs root (debootstrap, binfmt_misc, chroot).
+# Measured on the 2-core CI machine: setup from nothing 89 s (apt 19 s, root fs 47 s, wheels
+# 23 s), then 1 s; `test` 5.5-6.5 min (export 32 s, emulated pytest 4.7-5.7 min).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd -P)
@@ -221,6 +223,7 @@ case "${1:-}" in
   run) shift; run "$@" ;;
   test)
     shift
+    [ -x "$REPO/.venv/bin/python" ] || die "no .venv: run ./bootstrap.sh test first (the artifacts are exported with torch)"
     setup
     art=$(mktemp -d "$CACHE/artifacts.XXXXXX")
     trap 'rm -rf "$art"' EXIT
