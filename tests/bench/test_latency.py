@@ -13,6 +13,7 @@ from edgecl.bench.latency import PHASES, LatencyConfig, LatencyRow, format_table
     to_csv
 
 pytest.importorskip("torch", reason="exporting needs torch (host side)")
+pytestmark = pytest.mark.torch  # exports in the test process
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def test_json_shape_and_table(result):
     assert csv_lines[0].startswith("model,engine,target,source,phase") and len(csv_lines) == 1 + len(result.rows)
 
 
+@pytest.mark.ort_training
 def test_cli_json_all_engines_without_cold_start(capsys, exports):
     argv = ["latency", "--model", "mlp", "--repeats", "3", "--warmup", "1", "--phases", "train,infer", "--json",
             "--artifacts", str(exports)]

@@ -10,6 +10,7 @@ from edgecl.bench import bench_cli
 from edgecl.bench.memory import MemoryConfig, MemoryRow, format_table, measure_memory, to_csv
 
 pytest.importorskip("torch", reason="exporting needs torch (host side)")
+pytestmark = pytest.mark.torch  # exports in the test process
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def test_json_table_and_csv(result):
     assert len(to_csv(result).splitlines()) == 1 + len(result.rows)
 
 
+@pytest.mark.ort_training
 def test_cli_json_for_one_engine_has_no_ratio(capsys, exports):
     assert bench_cli.main(["memory", "--model", "mlp", "--engines", "ort-training", "--steps", "2", "--json",
                            "--artifacts", str(exports)]) == 0
