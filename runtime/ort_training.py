@@ -31,12 +31,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 
 from .engine import Batch, Engine
 from .errors import ArtifactError, BatchError
 from .manifest import Manifest
 from .optim import OptimizerConfig, OptimizerKind
+from .session import import_onnxruntime
+
+onnxruntime = import_onnxruntime()  # without the training build's torch probe (see session.py)
 
 ADAMW_STATE_KEY = "optim::ort_checkpoint::adamw"
 
