@@ -21,10 +21,6 @@ SLOW_UNDER_EMULATION = {
         "4 min emulated; the loop trains on aarch64 in test_der_plus_plus_beats_fine_tuning_… and the agent tests",
     "tests/runtime/test_loop.py::test_sparcl_keeps_exact_sparsity_and_counts_fewer_flops":
         "2.5 min emulated; SparCL-DER++ trains on aarch64 in test_agent_e2e.py::test_training_survives_an_agent_restart",
-    "tests/devices/test_agent_e2e.py::test_train_on_the_board_matches_the_run_in_process":
-        "its 5 s reply timeout is sized for native speed; emulated, opening the engine takes longer",
-    "tests/devices/test_faults.py::test_socket_url_carries_the_same_protocol":
-        "its 0.2 s acknowledgement timeout (4 tries in 0.9 s) is sized for native speed",
 }
 
 

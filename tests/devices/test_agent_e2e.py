@@ -17,10 +17,13 @@ from edgecl.runtime import OptimizerConfig, ReplayBuffer, RunConfig, load_checkp
 from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
 from tests.devices.relay import Relay, agent_command
 from tests.devices.test_faults import _hello_when_up
+from tests.helpers import TIME_SCALE
 
 pytest.importorskip("sklearn", reason="the host loads the digits with scikit-learn")
 
 ACK_S, RETRIES, SEED, EPOCHS, BUFFER = 0.3, 4, 0, 2, 200
+# Seconds of silence before a request fails; emulated, the agent opens the engine TIME_SCALE times slower.
+REPLY_S = 5 * TIME_SCALE
 
 
 class Board:
@@ -32,14 +35,17 @@ class Board:
 
     def start(self) -> None:
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(agent_command(self.relay.agent_path, self.workdir, ACK_S, RETRIES), stderr=log)
+            # --progress 0: a PROGRESS after every step, so what the host hears does not hang on how
+            # fast the board trains (the two tasks take about 0.2 s natively, the default interval).
+            command = agent_command(self.relay.agent_path, self.workdir, ACK_S, RETRIES) + ["--progress", "0"]
+            self.proc = subprocess.Popen(command, stderr=log)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def device(self) -> Device:
-        device = Device(Link.open(self.relay.host_path, ack_timeout=ACK_S, retries=RETRIES), reply_timeout=5)
+        device = Device(Link.open(self.relay.host_path, ack_timeout=ACK_S, retries=RETRIES), reply_timeout=REPLY_S)
         _hello_when_up(device)
         return device
 
@@ -109,7 +115,8 @@ def test_train_on_the_board_matches_the_run_in_process(board, pushed, reference,
     expected, engine_state = reference
     same_metrics(result, expected)
     assert min(np.diag(result.acc_matrix)) > 0.8 and not result.resumed  # each task learnt
-    assert progress and all(p["loss"] > 0 for p in progress)
+    assert [p["step"] for p in progress] == list(range(1, result.steps + 1))  # every step reported
+    assert all(p["loss"] > 0 for p in progress)
     # The checkpoint came back whole: the board's weights are the in-process ones.
     ckpt = load_checkpoint(tmp_path / "r1")
     assert ckpt.path == fetched.path and fetched.result.acc_matrix == result.acc_matrix

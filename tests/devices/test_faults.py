@@ -19,8 +19,13 @@ from edgecl.devices.link import AgentError, Link, LinkTimeout, MsgType
 from edgecl.devices.transfer import folder_specs
 from edgecl.runtime.manifest import load_manifest
 from tests.devices.relay import Relay, agent_command
+from tests.helpers import TIME_SCALE
 
+# The fault tests place faults relative to ACK_S (and the agent's 1 s transfer timeout): they keep
+# these native values under emulation too, where they pass. Only waits for an answer that must come
+# are multiplied by TIME_SCALE (emulated runs are that many times slower).
 ACK_S, RETRIES = 0.2, 3
+REPLY_S = 5 * TIME_SCALE
 CHUNK = 1024
 
 
@@ -68,7 +73,7 @@ def wait_for_log(agent, text: str, polls: int = 200) -> None:
         threading.Event().wait(0.05)
 
 
-def host(line, reply_timeout=5.0) -> Device:
+def host(line, reply_timeout=REPLY_S) -> Device:
     return connect(line.host_path, ack_timeout=ACK_S, retries=RETRIES, reply_timeout=reply_timeout)
 
 
@@ -211,7 +216,7 @@ def test_agent_killed_mid_transfer_then_restarted(line, tmp_path):
     log = open(tmp_path / "agent.log", "a")
     proc = subprocess.Popen(agent_command(line.agent_path, workdir, ACK_S, RETRIES), stderr=log)
     try:
-        board = Device(Link.open(line.host_path, ack_timeout=ACK_S, retries=RETRIES), reply_timeout=5)
+        board = Device(Link.open(line.host_path, ack_timeout=ACK_S, retries=RETRIES), reply_timeout=REPLY_S)
         _hello_when_up(board)
         board.push(old, "artifact", "net", chunk_bytes=CHUNK)  # a first, complete version
         line.after("to_agent", 40_000, action=lambda: os.kill(proc.pid, signal.SIGKILL))
@@ -272,11 +277,14 @@ def test_socket_url_carries_the_same_protocol(tmp_path, payload):
                 (b if s is a else a).sendall(data)
 
     threading.Thread(target=bridge, daemon=True).start()
-    a = Agent(Link.open(url, ack_timeout=ACK_S, retries=RETRIES, name="agent"), tmp_path / "board", log=LogLines())
+    # Nothing is lost on this line, so the acknowledgement timeout only has to outlast the slowest
+    # answer: host, agent and bridge share one process (one GIL), which emulated is TIME_SCALE times slower.
+    ack_s = ACK_S * TIME_SCALE
+    a = Agent(Link.open(url, ack_timeout=ack_s, retries=RETRIES, name="agent"), tmp_path / "board", log=LogLines())
     thread = threading.Thread(target=a.serve, daemon=True)
     thread.start()
     try:
-        with connect(url, ack_timeout=ACK_S, retries=RETRIES, reply_timeout=5) as board:
+        with connect(url, ack_timeout=ack_s, retries=RETRIES, reply_timeout=REPLY_S) as board:
             board.push(payload, "data", "p", chunk_bytes=CHUNK)
         assert same_files(payload, a.workdir / "data" / "p")
     finally:
