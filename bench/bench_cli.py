@@ -75,10 +75,12 @@ def _step(args) -> int:
 
 
 def main(argv=None) -> int:
+    from edgecl.runtime.errors import EdgeclError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, EdgeclError) as e:  # EdgeclError: e.g. no agent on a serial port
         print(f"bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

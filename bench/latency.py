@@ -77,9 +77,16 @@ class LatencyConfig:
         object.__setattr__(self, "phases", phases)
         if not isinstance(self.target, str) or not self.target:
             raise ValueError(f"target={self.target!r}; accepted: a non-empty label such as 'host'")
+        if self.serial_port is not None and not self.serial_port:
+            raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
+                             "(serial:/dev/ttyUSB0, serial:socket://host:4000) or a device profile name")
+
+    @property
+    def serial_port(self) -> str | None:
+        """PORT of device 'serial:PORT' (measure on the board there), else None."""
         if self.device is not None and str(self.device).startswith("serial:"):
-            raise ValueError(f"device={self.device!r}: measuring on a board over a serial link is not available "
-                             f"yet (devices issue); accepted: a device profile name for projected rows")
+            return str(self.device)[len("serial:"):]
+        return None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -270,6 +277,8 @@ def measure_latency(config: LatencyConfig = LatencyConfig(), artifacts_dir=None)
     Raises:
         ValueError: a device profile that does not exist. RuntimeError: a fresh process failed.
     """
+    if config.serial_port is not None:
+        return _measure_on_board(config, artifacts_dir)
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it once, when torch loads it
     policy = os.environ.get("OMP_WAIT_POLICY", "libgomp default (spinning)")
@@ -300,6 +309,27 @@ def measure_latency(config: LatencyConfig = LatencyConfig(), artifacts_dir=None)
                                                                  torch.zeros(2, *config.input_shape)))
             rows += projected
     return LatencyResult(config, tuple(rows), tuple(detail), policy, note)
+
+
+def _measure_on_board(config: LatencyConfig, artifacts_dir=None) -> LatencyResult:
+    """The portable engine's training step and forward pass timed by the agent on the board.
+
+    The export is made here and pushed once (`edgecl.devices.host.board_latency`); the board
+    has no torch, so its rows carry no ratio, and they are measured, never projected.
+    """
+    from edgecl.devices.host import board_latency
+
+    with tempfile.TemporaryDirectory(prefix="edgecl-latency-") as tmp:
+        prepared = prepare(config.model, config.input_shape, config.batch, ("portable",), artifacts_dir or tmp,
+                           config.seed)
+        board = board_latency(config.serial_port, prepared.artifacts["portable"], config.batch, config.repeats,
+                              config.warmup, config.threads)
+    target = f"board:{board.machine}"
+    rows = (LatencyRow(config.model, "portable", target, "measured", "train", board.median_ms, board.iqr_ms, None),
+            LatencyRow(config.model, "portable", target, "measured", "infer", board.infer_median_ms,
+                       board.infer_iqr_ms, None))
+    return LatencyResult(config, rows, (), "set by the board", f"measured on the board at {config.serial_port} "
+                         f"({board.machine}, {board.engine} engine, {board.steps} steps) over the serial link")
 
 
 def format_table(result: LatencyResult) -> str:
