@@ -36,7 +36,8 @@ class Board:
     def start(self) -> None:
         with open(self.log, "a") as log:
             # --progress 0: a PROGRESS after every step, so what the host hears does not hang on how
-            # fast the board trains (the two tasks take about 0.2 s natively, the default interval).
+            # fast the board trains (natively the 36 steps take a few tenths of a second, about
+            # agent_command's 0.2 s interval: at times no PROGRESS came at all).
             command = agent_command(self.relay.agent_path, self.workdir, ACK_S, RETRIES) + ["--progress", "0"]
             self.proc = subprocess.Popen(command, stderr=log)
 
