@@ -61,7 +61,9 @@ def read_rows(path: str | Path, kind: str) -> list[dict]:
         if kind == "latency" and row["source"] not in SOURCES:
             raise ValueError(f"{kind} file {str(path)!r}: rows[{i}] source={row['source']!r}; accepted: measured, "
                              f"projected")
-    return data["rows"]
+    shape = data.get("input_shape")  # the same model name at two input sizes must not look alike
+    suffix = f" {'x'.join(str(d) for d in shape)}" if isinstance(shape, list) and shape else ""
+    return [{**row, "model": f"{row['model']}{suffix}"} if "model" in row and suffix else row for row in data["rows"]]
 
 
 def _run_groups(runs_dir: Path) -> dict[str, list[dict]]:

@@ -178,3 +178,13 @@ def test_flops_table_recognises_the_earlier_weight_gradient_counting(runs_dir):
     assert row.current_total < row.train_flops
     table = markdown_table(cl_flops_table(runs_dir))
     assert "| SparCL-DER++ 0.75 (1) |" in table and "(1) recorded with weight-gradient work" in table
+
+
+def test_rows_carry_the_input_shape_of_their_file(tmp_path):
+    """Two files of the same model at different input sizes stay apart in the report."""
+    small, large = tmp_path / "s.json", tmp_path / "l.json"
+    small.write_text(json.dumps({"kind": "latency", "rows": LATENCY[:2], "input_shape": [1, 8, 8]}))
+    large.write_text(json.dumps({"kind": "latency", "rows": LATENCY[:2], "input_shape": [1, 28, 28]}))
+    assert {r["model"] for r in read_rows(small, "latency")} == {"cnn 1x8x8"}
+    assert {r["model"] for r in read_rows(large, "latency")} == {"cnn 1x28x28"}
+    assert {r["model"] for r in read_rows(latency_file(tmp_path / "n.json", LATENCY[:2]), "latency")} == {"cnn"}
