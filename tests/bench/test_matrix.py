@@ -33,3 +33,13 @@ def test_matrix_refuses_unknown_strategy(tmp_path, capsys):
         run_matrix(["ewc"], [0], tmp_path)
     assert bench_cli.main(["run", "--strategies", "ewc", "--out", str(tmp_path)]) == 2
     assert "ewc" in capsys.readouterr().err
+
+
+def test_bench_run_cli_writes_the_cells_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["run", "--strategies", "finetune", "--seeds", "0", "--data", "digits", "--epochs", "1", "--buffer", "50",
+            "--workers", "1", "--out", str(out)]
+    assert bench_cli.main(argv) == 0
+    assert "| Fine-tune | 1 |" in capsys.readouterr().out
+    result = json.loads((out / "runs" / "finetune-seed0.json").read_text())
+    assert len(result["acc_matrix"]) == 5 and result["config"]["job"]["method"] == "finetune"
