@@ -188,3 +188,21 @@ def test_rows_carry_the_input_shape_of_their_file(tmp_path):
     assert {r["model"] for r in read_rows(small, "latency")} == {"cnn 1x8x8"}
     assert {r["model"] for r in read_rows(large, "latency")} == {"cnn 1x28x28"}
     assert {r["model"] for r in read_rows(latency_file(tmp_path / "n.json", LATENCY[:2]), "latency")} == {"cnn"}
+
+
+def test_flops_split_of_a_run_with_measured_weight_gradient_density(runs_dir):
+    """A run whose DGM-kept active entries were fewer than nominal: the remainder is weight-gradient work."""
+    path = runs_dir / "runs" / "sparcl-derpp-0.75-seed0.json"
+    run = json.loads(path.read_text())
+    run["train_flops"] = training_flops(LAYERS, 8000, {"2.weight": 0.25}, {"2.weight": 0.15}).total
+    path.write_text(json.dumps(run))
+    nominal = training_flops(LAYERS, 8000, {"2.weight": 0.25}, {"2.weight": 0.2})
+    table = {r.strategy: r for r in cl_flops_table(runs_dir)}
+    row = table["sparcl-derpp-0.75"]  # mean of this seed (measured) and seed 1 (nominal)
+    assert row.forward == pytest.approx(nominal.forward) and row.input_grad == pytest.approx(nominal.input_grad)
+    measured = training_flops(LAYERS, 8000, {"2.weight": 0.25}, {"2.weight": 0.15}).weight_grad
+    assert row.weight_grad == pytest.approx((measured + nominal.weight_grad) / 2)
+    assert row.forward + row.input_grad + row.weight_grad == pytest.approx(row.train_flops)
+    run["train_flops"] = 2 * nominal.total  # more than any reading allows: no split
+    path.write_text(json.dumps(run))
+    assert {r.strategy: r for r in cl_flops_table(runs_dir)}["sparcl-derpp-0.75"].forward is None
