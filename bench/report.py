@@ -136,6 +136,35 @@ def _plot_bars(plt, labels, values, errors, title, ylabel, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_grouped(plt, rows: list[dict], title: str, path: Path) -> None:
+    """One panel per phase; models along x, one bar per engine @ target. Bars are ratios to
+    torch eager when every row of the panel has one (a line at 1x), else medians in ms."""
+    phases = list(dict.fromkeys(_phase(r) for r in rows))
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4), squeeze=False)
+    for ax, phase in zip(axes.flat, phases):
+        part = [r for r in rows if _phase(r) == phase]
+        models = list(dict.fromkeys(r["model"] for r in part))
+        series = list(dict.fromkeys(f"{r['engine']} @ {r['target']}" for r in part))
+        ratios = all(r.get("ratio_to_torch") is not None for r in part)
+        width = 0.8 / len(series)
+        for k, name in enumerate(series):
+            values = {r["model"]: (r["ratio_to_torch"] if ratios else r["median_ms"]) for r in part
+                      if f"{r['engine']} @ {r['target']}" == name}
+            xs = [i + (k - (len(series) - 1) / 2) * width for i, m in enumerate(models) if m in values]
+            ax.bar(xs, [values[m] for m in models if m in values], width, label=name)
+        if ratios:
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("median / torch eager's median" if ratios else "median ms")
+        ax.set_title(phase.replace("_", " "), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _phase(row: dict) -> str:
     return row.get("phase") or row.get("metric") or "train"
 
@@ -158,7 +187,8 @@ def _runs_section(plt, runs_dir: Path, out: Path, plots: list) -> list[str]:
             markdown_table(summarize(runs_dir)), "", "![accuracy versus training FLOPs](acc_vs_flops.png)", "",
             "### Training FLOPs", "",
             "Whole run, means over seeds (TFLOP = 1e12). The split is rebuilt from the layer table and each "
-            "run's configuration; it matches the recorded totals (see `edgecl.bench.cl_flops`).", "",
+            "run's densities, the weight-gradient part as measured where the run measured it on the masks "
+            "(see `edgecl.bench.cl_flops`).", "",
             flops_markdown(cl_flops_table(runs_dir)), "", "### Accuracy matrices", "",
             "![accuracy matrices](acc_matrices.png)", ""]
 
@@ -179,11 +209,8 @@ def _latency_section(plt, rows: list[dict], out: Path, plots: list) -> list[str]
                          f"{r['median_ms']:.3f} | {'n/a' if iqr is None else f'{iqr:.3f}'} | "
                          f"{_ratio(r.get('ratio_to_torch'))} |")
         name = f"latency_{source}.png"
-        labels = [f"{r['model']} {_phase(r)}\n{r['engine']} @ {r['target']}" for r in part]
-        errors = [(r.get("iqr_ms") or 0) / 2 for r in part]
-        _plot_bars(plt, labels, [r["median_ms"] for r in part], errors,
-                   f"Latency, {source}" + (" (roofline projection)" if source == "projected" else ""),
-                   "median ms (bar: IQR)", out / name)
+        _plot_grouped(plt, part, f"Latency, {source}" + (" (roofline projection)" if source == "projected" else ""),
+                      out / name)
         plots.append(out / name)
         lines += ["", f"![latency {source}]({name})", ""]
     return lines
