@@ -7,19 +7,9 @@ import json
 import pytest
 
 from edgecl.bench import bench_cli
-from tests.devices.test_agent_e2e import Board
+from tests.devices.test_agent_e2e import board  # noqa: F401  (an agent process on a pty, per module)
 
 pytestmark = pytest.mark.torch  # the host exports the model it pushes
-
-
-@pytest.fixture(scope="module")
-def board(tmp_path_factory):
-    b = Board(tmp_path_factory.mktemp("board") / "work")
-    b.start()
-    yield b
-    if b.proc.poll() is None:
-        b.kill()
-    b.relay.close()
 
 
 def test_bench_latency_on_a_board_is_measured_there(board, capsys, tmp_path):
