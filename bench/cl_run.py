@@ -15,14 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.runtime.budget import plan_memory
-from edgecl.runtime.buffer import ReplayBuffer, bytes_per_example
-from edgecl.runtime.loop import RunConfig, RunResult, run_scenario
-from edgecl.runtime.optim import OptimizerConfig
 from edgecl.runtime.data import load_digits, load_fashion_mnist
+from edgecl.runtime.job import LearnerSpec, build_learner
+from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.scenarios import (Scenario, digits_scenario, fashion_mnist_scenario, permuted_scenario,
                                       train_test_split)
-from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
 
 DATASETS = ("digits", "fashion-mnist")
 # Digits has ~290 training examples a task (9 batches an epoch): more epochs and a larger step.
@@ -30,27 +27,15 @@ DATA_DEFAULTS = {"digits": {"epochs": 20, "lr": 0.1}, "fashion-mnist": {"epochs"
 ENGINES = ("portable", "ort-training", "torch")
 
 
-@dataclasses.dataclass(frozen=True)
-class JobConfig:
-    """Everything `edgecl run` takes (defaults: SparCL-DER++ 0.75 on Split Digits, portable engine)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobConfig(LearnerSpec):
+    """Everything `edgecl run` takes: the learner (LearnerSpec: strategy, buffer, budget, schedule)
+    plus data, scenario, model and engine. Defaults: SparCL-DER++ 0.75 on Split Digits, portable."""
 
     data: str = "digits"
     scenario: str = "split"
     model: str = "cnn"
     engine: str = "portable"
-    method: str = "derpp"
-    sparsity: float | None = 0.75
-    tdm: bool = True
-    dgm: bool = True
-    ddr: bool = True
-    buffer: int | None = 500
-    budget: str | None = None
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.03
-    seed: int = 0
-    threads: int | None = 2
-    checkpoint_every: int = 0
 
     def __post_init__(self):
         if self.data not in DATASETS:
@@ -59,15 +44,7 @@ class JobConfig:
             raise ValueError(f"scenario={self.scenario!r}; accepted: split, permuted")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}; accepted: {', '.join(ENGINES)}")
-        if self.sparsity is not None and self.method in ("finetune", "joint"):
-            raise ValueError(f"SparCL (sparsity={self.sparsity}) runs on er or derpp, not {self.method!r}; "
-                             "pass --dense for fine-tuning and joint training")
-        if self.buffer is not None and self.buffer < 1:
-            raise ValueError(f"buffer={self.buffer}; accepted: >= 1 examples (or give --budget)")
-
-    def strategy(self) -> StrategyConfig:
-        sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr)
-        return StrategyConfig(Method(self.method), replay_batch=self.batch_size, sparcl=sparcl)
+        super().__post_init__()
 
 
 def load_scenario(name: str, seed: int = 0, scenario: str = "split") -> Scenario:
@@ -110,37 +87,15 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
     out_dir = Path(out_dir)
     scenario = load_scenario(job.data, job.seed, job.scenario)
     model, folder = _export_cached(job, scenario, out_dir)
-    optimizer = OptimizerConfig("sgd", lr=job.lr)
+    optimizer = job.optimizer()
     engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"
               else open_engine(folder, optimizer, threads=job.threads))
+    learner, plan_dict, plan = build_learner(engine, scenario, job)
     strategy = job.strategy()
-    replay = (2 if strategy.method is Method.DERPP else 1) * job.batch_size if strategy.uses_buffer else 0
-    plan = None
-    capacity = job.buffer if strategy.uses_buffer else 0
-    if job.budget is not None:
-        plan = plan_memory(engine.manifest, job.budget, job.batch_size, optimizer, replay_batch_size=replay,
-                           store_logits=strategy.method is Method.DERPP)
-        if strategy.uses_buffer:
-            if job.buffer is None:
-                capacity = plan.replay_capacity
-            elif job.buffer > plan.replay_capacity:
-                raise ValueError(f"buffer={job.buffer} examples does not fit the budget {job.budget}: it leaves room "
-                                 f"for {plan.replay_capacity} ({plan.replay_example_bytes} B each)\n{plan.table()}")
-    elif strategy.uses_buffer and job.buffer is None:
-        raise ValueError("give --buffer N (examples) or --budget BYTES for a replay strategy")
-    rng = np.random.default_rng(job.seed)
-    buffer = (ReplayBuffer(capacity, scenario.input_shape, scenario.num_classes, np.random.default_rng([job.seed, 1]),
-                           store_logits=strategy.method is Method.DERPP) if strategy.uses_buffer else None)
-    learner = Learner(engine, strategy, buffer, rng)
-    config = RunConfig(job.epochs, job.batch_size, job.seed, job.checkpoint_every)
-    plan_dict = plan.to_dict() if plan is not None else {
-        "buffer_examples": capacity,
-        "buffer_bytes": capacity * bytes_per_example(scenario.input_shape, scenario.num_classes,
-                                                     strategy.method is Method.DERPP)}
     extra = {"job": dataclasses.asdict(job), "label": strategy.label, "budget_plan": plan_dict}
     if plan is not None and progress:
         print(plan.table(), flush=True)
-    result = run_scenario(scenario, learner, config, checkpoint_dir, progress, extra)
+    result = run_scenario(scenario, learner, job.run_config(), checkpoint_dir, progress, extra)
     return result, plan_dict, plan
 
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.runtime.budget import plan_memory
-from edgecl.runtime.buffer import ReplayBuffer, bytes_per_example
 from edgecl.runtime.data import Dataset, load_dataset
-from edgecl.runtime.loop import RunConfig, RunResult, run_scenario
+from edgecl.runtime.job import LearnerSpec, build_learner
+from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.metrics import class_il_accuracy, task_il_accuracy
 from edgecl.runtime.optim import OptimizerConfig
 from edgecl.runtime.scenarios import Scenario, permuted_scenario, split_scenario, train_test_split
-from edgecl.runtime.strategies import Learner, Method, SparCLConfig, StrategyConfig
+from edgecl.runtime.strategies import Learner
 
 SPLIT_FILE = "split.npz"  # what a pushed data folder holds: x_train, y_train, x_test, y_test, num_classes, name
 SCENARIOS = ("split", "permuted")
@@ -75,59 +74,31 @@ class DataSpec:
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= 1")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainSpec:
-    """A training run on the board (the fields of `edgecl run`, minus export and plots).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSpec(LearnerSpec):
+    """A training run on the board: the learner of `edgecl run` (LearnerSpec: strategy, buffer,
+    budget, schedule) plus where it runs.
 
     Args:
         run: run id; its checkpoints live under workdir/runs/<run>/ and a new train of the
             same run id resumes from them. artifact: name of pushed artifacts.
-        data: see DataSpec. method: finetune, joint, er or derpp. sparsity: SparCL weight
-            sparsity, None for a dense strategy. tdm / dgm / ddr: SparCL switches.
-        buffer: replay examples (None: what `budget` leaves). budget: memory budget, e.g. "4MiB".
-        epochs, batch_size, lr (SGD), seed, threads (ONNX Runtime intra-op),
-        checkpoint_every: steps between checkpoints (0: task ends only).
+        data: see DataSpec (a dict is accepted, as it arrives over the link).
+        lr: SGD step, 0.1 by default (Split Digits, the data a board is first tried on).
     """
 
     run: str
     artifact: str
     data: DataSpec
-    method: str = "derpp"
-    sparsity: float | None = 0.75
-    tdm: bool = True
-    dgm: bool = True
-    ddr: bool = True
-    buffer: int | None = 500
-    budget: str | None = None
-    epochs: int = 5
-    batch_size: int = 32
     lr: float = 0.1
-    seed: int = 0
-    threads: int | None = 2
-    checkpoint_every: int = 0
 
     def __post_init__(self):
         if isinstance(self.data, dict):
             object.__setattr__(self, "data", DataSpec(**self.data))
+        if not isinstance(self.data, DataSpec):
+            raise ValueError(f"data={self.data!r}; accepted: a DataSpec or its dict")
         check_job_name("run", self.run)
         check_job_name("artifact", self.artifact)
-        self.strategy()  # validates method and sparsity
-        RunConfig(self.epochs, self.batch_size, self.seed, self.checkpoint_every)
-        if self.sparsity is not None and self.method in ("finetune", "joint"):
-            raise ValueError(f"SparCL (sparsity={self.sparsity}) runs on er or derpp, not {self.method!r}")
-        if self.buffer is not None and self.buffer < 1:
-            raise ValueError(f"buffer={self.buffer}; accepted: >= 1 examples, or None with a budget")
-        if self.buffer is None and self.budget is None and self.method in ("er", "derpp"):
-            raise ValueError(f"method {self.method!r} replays examples: give buffer or budget")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}; accepted: > 0")
-
-    def strategy(self) -> StrategyConfig:
-        sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr)
-        return StrategyConfig(self.method, replay_batch=self.batch_size, sparcl=sparcl)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        super().__post_init__()
 
 
 def load_split(folder: str | Path) -> tuple[Dataset, Dataset]:
@@ -164,32 +135,6 @@ def build_scenario(spec: DataSpec, workdir: Path) -> Scenario:
     if spec.scenario == "permuted":
         return permuted_scenario(train, test, spec.tasks, seed=spec.seed)
     return split_scenario(train, test, spec.tasks, classes_per_task=spec.classes_per_task)
-
-
-def build_learner(engine, scenario: Scenario, spec: TrainSpec, learner_cls=Learner) -> tuple[Learner, dict]:
-    """The learner `edgecl run` would build (strategy, buffer from count or budget) and its memory plan."""
-    strategy = spec.strategy()
-    derpp = strategy.method is Method.DERPP
-    capacity = spec.buffer if strategy.uses_buffer else 0
-    plan = None
-    if spec.budget is not None:
-        replay = (2 if derpp else 1) * spec.batch_size if strategy.uses_buffer else 0
-        plan = plan_memory(engine.manifest, spec.budget, spec.batch_size, engine.optimizer_config,
-                           replay_batch_size=replay, store_logits=derpp)
-        if strategy.uses_buffer:
-            if spec.buffer is None:
-                capacity = plan.replay_capacity
-            elif spec.buffer > plan.replay_capacity:
-                raise ValueError(f"buffer={spec.buffer} examples does not fit the budget {spec.budget}: it leaves "
-                                 f"room for {plan.replay_capacity}\n{plan.table()}")
-    buffer = (ReplayBuffer(capacity, scenario.input_shape, scenario.num_classes,
-                           np.random.default_rng([spec.seed, 1]), store_logits=derpp)
-              if strategy.uses_buffer else None)
-    learner = learner_cls(engine, strategy, buffer, np.random.default_rng(spec.seed))
-    plan_dict = plan.to_dict() if plan is not None else {
-        "buffer_examples": capacity,
-        "buffer_bytes": capacity * bytes_per_example(scenario.input_shape, scenario.num_classes, derpp)}
-    return learner, plan_dict
 
 
 class _ReportingLearner(Learner):
@@ -238,12 +183,12 @@ def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -
     folder.mkdir(parents=True, exist_ok=True)
     scenario = build_scenario(spec.data, workdir)
     engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
-    learner, plan = build_learner(engine, scenario, spec, _ReportingLearner)
+    learner, plan, _ = build_learner(engine, scenario, spec, _ReportingLearner)
     learner.on_step = on_step
     saved.write_text(json.dumps(mine))
     extra = {"job": spec.to_dict(), "label": spec.strategy().label, "budget_plan": plan,
              "device": {"machine": platform.machine(), "python": platform.python_version()}}
-    result = run_scenario(scenario, learner, RunConfig(spec.epochs, spec.batch_size, spec.seed, spec.checkpoint_every),
+    result = run_scenario(scenario, learner, spec.run_config(),
                           folder / "checkpoints", progress=False, extra_config=extra)
     (folder / "result.json").write_text(json.dumps(result.to_dict()))
     return result

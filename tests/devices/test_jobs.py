@@ -55,12 +55,13 @@ def test_data_spec_refuses_bad_fields(fields, message):
 @pytest.mark.parametrize("fields, message", [
     ({"method": "ewc"}, "method='ewc'; accepted: finetune, joint, er, derpp"),
     ({"method": "finetune"}, "SparCL"),
-    ({"buffer": None}, "give buffer or budget"),
+    ({"buffer": None}, "give a buffer .* or a memory budget"),
     ({"buffer": 0}, "buffer=0"),
     ({"epochs": 0}, "epochs=0"),
     ({"lr": 0.0}, "lr=0.0"),
     ({"run": "../../etc"}, "run='../../etc'; accepted"),
     ({"artifact": "a/b"}, "artifact='a/b'; accepted"),
+    ({"data": "digits"}, "data='digits'; accepted: a DataSpec"),
 ])
 def test_train_spec_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -68,6 +69,6 @@ def test_train_spec_refuses_bad_fields(fields, message):
 
 
 def test_train_spec_round_trips_through_a_dict():
-    spec = TrainSpec("r", "a", DataSpec("d", tasks=2), sparsity=None, method="er", budget="4MiB", buffer=None)
+    spec = TrainSpec(run="r", artifact="a", data=DataSpec("d", tasks=2), sparsity=None, method="er", budget="4MiB", buffer=None)
     again = TrainSpec(**spec.to_dict())
     assert again == spec and again.strategy().label == "ER"
