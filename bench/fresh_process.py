@@ -15,7 +15,9 @@ report separates the bare interpreter, the imports, opening the model and the st
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -293,3 +295,13 @@ def run_fresh(prepared: Prepared, engine: str, steps: int, threads: int, python:
     return ChildReport(engine, process, steps, ms["t_python"], ms["t_imports"], ms["t_open"], ms["t_first"],
                        ms["t_end"], r["rss_interpreter"], r["rss_imports"], int(r["rss_peak"]),
                        bool(r["torch_imported"]), tuple(r["losses"]))
+
+
+def rows_csv(rows, fields) -> str:
+    """Result rows (dataclasses) as CSV with header `fields`: what `bench latency` and `bench memory --csv` print."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(dataclasses.asdict(r))
+    return out.getvalue()

@@ -15,9 +15,7 @@ and are never mixed into the measured ratios.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import statistics
 import sys
@@ -26,7 +24,7 @@ import time
 
 import numpy as np
 
-from .fresh_process import ENGINES, MODEL_NAMES, NUM_CLASSES, check_engines, check_shape, prepare, run_fresh
+from .fresh_process import ENGINES, MODEL_NAMES, NUM_CLASSES, check_engines, check_shape, prepare, rows_csv, run_fresh
 
 PHASES = ("train", "infer", "cold_start")
 SOURCES = ("measured", "projected")
@@ -356,12 +354,7 @@ def format_table(result: LatencyResult) -> str:
 
 def to_csv(result: LatencyResult) -> str:
     """The rows as CSV (header: ROW_FIELDS)."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, ROW_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in result.rows:
-        writer.writerow(dataclasses.asdict(r))
-    return out.getvalue()
+    return rows_csv(result.rows, ROW_FIELDS)
 
 
 __all__ = ["ENGINES", "MODEL_NAMES", "PHASES", "LatencyConfig", "LatencyResult", "LatencyRow", "ColdStartDetail",

@@ -11,13 +11,11 @@ libraries rather than training.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import statistics
 import tempfile
 
-from .fresh_process import ENGINES, check_engines, check_shape, prepare, run_fresh
+from .fresh_process import ENGINES, check_engines, check_shape, prepare, rows_csv, run_fresh
 
 ROW_FIELDS = ("model", "engine", "process", "target", "source", "peak_rss_bytes", "ratio_to_torch",
               "imports_rss_bytes", "interpreter_rss_bytes", "torch_imported")
@@ -160,12 +158,7 @@ def format_table(result: MemoryResult) -> str:
 
 def to_csv(result: MemoryResult) -> str:
     """The rows as CSV (header: ROW_FIELDS)."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, ROW_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in result.rows:
-        writer.writerow(dataclasses.asdict(r))
-    return out.getvalue()
+    return rows_csv(result.rows, ROW_FIELDS)
 
 
 __all__ = ["MemoryConfig", "MemoryResult", "MemoryRow", "format_table", "measure_memory", "to_csv"]

@@ -17,12 +17,6 @@ pytestmark = pytest.mark.torch  # exports in the test process
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """One export folder for the whole session (test_memory.py uses it too): exports take seconds."""
-    return tmp_path_factory.getbasetemp() / "bench-exports"
-
-
-@pytest.fixture(scope="module")
 def result(exports):
     """Train, infer and one cold start each for the portable engine and torch eager."""
     config = LatencyConfig("mlp", repeats=3, warmup=1, cold_starts=1, engines=("portable", "torch"))

@@ -14,12 +14,6 @@ pytestmark = pytest.mark.torch  # exports in the test process
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """One export folder for the whole session (test_latency.py uses it too): exports take seconds."""
-    return tmp_path_factory.getbasetemp() / "bench-exports"
-
-
-@pytest.fixture(scope="module")
 def result(exports):
     return measure_memory(MemoryConfig("mlp", steps=3, engines=("portable", "torch")), exports)
 
