@@ -19,59 +19,22 @@ import csv
 import dataclasses
 import io
 import json
-import os
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 
+from edgecl.runtime.probe import REPORT_SRC, STATUS_SRC, probe_runtime, run_child
+
 ENGINES = ("portable", "ort-training", "torch")
-MODEL_NAMES = ("mlp", "cnn", "resnet", "mobilenet")  # edgecl.exporters.models.MODELS (checked by a test)
+MODEL_NAMES = ("mlp", "cnn", "cnn-s2", "resnet", "mobilenet")  # edgecl.exporters.models.MODELS (checked by a test)
 NUM_CLASSES = 10
 LEARNING_RATE = 0.03  # OptimizerConfig's default SGD, no momentum, in every engine
 
-_STATUS = textwrap.dedent("""
-    def _status(field):
-        # 'VmRSS:   1234 kB' from /proc/self/status, in bytes; None off Linux
-        try:
-            for line in open("/proc/self/status"):
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-
-    def _peak():
-        peak = _status("VmHWM")
-        if peak is None:
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return peak
-""")
-
-# argv[1]: JSON {artifacts, batch, steps, threads, lr}. Times are time.monotonic() (CLOCK_MONOTONIC:
-# one clock for every process on Linux and macOS), so the parent can subtract its spawn time.
-_RUNTIME_CHILD = "import sys, time, json\n" + _STATUS + textwrap.dedent("""
-    cfg = json.loads(sys.argv[1])
-    t_python = time.monotonic()
-    rss_interpreter = _status("VmRSS")
-    import numpy as np
-    from edgecl.runtime import OptimizerConfig, open_engine
-    t_imports = time.monotonic()
-    rss_imports = _status("VmRSS")
-    with np.load(cfg["batch"]) as z:
-        x, y = z["x"], z["y"]
-    engine = open_engine(cfg["artifacts"], OptimizerConfig("sgd", lr=cfg["lr"]), threads=cfg["threads"])
-    t_open = time.monotonic()
-    losses = [engine.step(x, y)]
-    t_first = time.monotonic()
-    losses += [engine.step(x, y) for _ in range(cfg["steps"] - 1)]
-    t_end = time.monotonic()
-""")
-
-_TORCH_CHILD = "import sys, time, json\n" + _STATUS + textwrap.dedent("""
+# argv[1]: JSON {batch, steps, threads, lr, models_py, model, input_shape, num_classes, seed}; the
+# runtime-only child is edgecl.runtime.probe's (the board agent runs it too).
+_TORCH_CHILD = "import sys, time, json\n" + STATUS_SRC + textwrap.dedent("""
     cfg = json.loads(sys.argv[1])
     t_python = time.monotonic()
     rss_interpreter = _status("VmRSS")
@@ -103,14 +66,6 @@ _TORCH_CHILD = "import sys, time, json\n" + _STATUS + textwrap.dedent("""
     losses += [step() for _ in range(cfg["steps"] - 1)]
     t_end = time.monotonic()
 """)
-
-_REPORT = textwrap.dedent("""
-    print("RESULT " + json.dumps({
-        "t_python": t_python, "t_imports": t_imports, "t_open": t_open, "t_first": t_first, "t_end": t_end,
-        "rss_interpreter": rss_interpreter, "rss_imports": rss_imports, "rss_peak": _peak(),
-        "torch_imported": "torch" in sys.modules, "losses": losses}))
-""")
-
 
 @dataclasses.dataclass(frozen=True)
 class ChildReport:
@@ -249,13 +204,6 @@ def prepare(model: str, input_shape, batch: int, engines, folder, seed: int = 0)
     return Prepared(model, shape, batch, seed, artifacts, batch_file, net)
 
 
-def child_env() -> dict[str, str]:
-    """The parent's environment with OMP_WAIT_POLICY=PASSIVE unless set (idle threads sleep, as ORT's)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
-
-
 def run_fresh(prepared: Prepared, engine: str, steps: int, threads: int, python: str | None = None,
               timeout_s: float = 600.0) -> ChildReport:
     """Train `steps` SGD steps on the prepared batch in a new interpreter and report time and memory.
@@ -271,30 +219,22 @@ def run_fresh(prepared: Prepared, engine: str, steps: int, threads: int, python:
     check_engines([engine])
     if steps < 1 or threads < 1:
         raise ValueError(f"steps={steps}, threads={threads}; accepted: both >= 1")
-    cfg = {"batch": str(prepared.batch_file), "steps": steps, "threads": threads, "lr": LEARNING_RATE}
     if engine == "torch":
         import edgecl.exporters.models as models
 
-        cfg.update(models_py=models.__file__, model=prepared.model, input_shape=list(prepared.input_shape),
-                   num_classes=NUM_CLASSES, seed=prepared.seed)
-        argv, process = [sys.executable, "-c", _TORCH_CHILD + _REPORT], "torch-eager"
+        cfg = {"batch": str(prepared.batch_file), "steps": steps, "threads": threads, "lr": LEARNING_RATE,
+               "models_py": models.__file__, "model": prepared.model, "input_shape": list(prepared.input_shape),
+               "num_classes": NUM_CLASSES, "seed": prepared.seed}
+        r, process = run_child(_TORCH_CHILD + REPORT_SRC, cfg, None, timeout_s, "torch"), "torch-eager"
     else:
         if engine not in prepared.artifacts:
             raise ValueError(f"engine {engine!r} was not prepared; prepared: {', '.join(prepared.artifacts)}")
-        cfg["artifacts"] = str(prepared.artifacts[engine])
-        argv, process = [python or sys.executable, "-c", _RUNTIME_CHILD + _REPORT], "runtime-only"
-    spawn = time.monotonic()
-    proc = subprocess.run(argv + [json.dumps(cfg)], capture_output=True, text=True, env=child_env(),
-                          timeout=timeout_s)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"the fresh {engine} process ({argv[0]}) failed with exit code {proc.returncode}: {tail}")
-    r = json.loads(lines[-1][len("RESULT "):])
-    ms = {k: 1000.0 * (r[k] - spawn) for k in ("t_python", "t_imports", "t_open", "t_first", "t_end")}
-    return ChildReport(engine, process, steps, ms["t_python"], ms["t_imports"], ms["t_open"], ms["t_first"],
-                       ms["t_end"], r["rss_interpreter"], r["rss_imports"], int(r["rss_peak"]),
-                       bool(r["torch_imported"]), tuple(r["losses"]))
+        r = probe_runtime(prepared.artifacts[engine], prepared.batch_file, steps, threads, LEARNING_RATE, python,
+                          timeout_s, engine)
+        process = "runtime-only"
+    return ChildReport(engine, process, steps, r["t_python"], r["t_imports"], r["t_open"], r["t_first"], r["t_end"],
+                       r["rss_interpreter"], r["rss_imports"], int(r["rss_peak"]), bool(r["torch_imported"]),
+                       tuple(r["losses"]))
 
 
 def rows_csv(rows, fields) -> str:

@@ -44,6 +44,8 @@ def add_parsers(sub) -> None:
     _common(p)
     p.add_argument("--steps", type=int, default=20, help="training steps of each run")
     p.add_argument("--repeats", type=int, default=1, help="runs per engine (median peak)")
+    p.add_argument("--device", default=None, metavar="serial:PORT",
+                   help="measure the portable engine's process on the board whose agent listens on PORT")
     p.set_defaults(func=_memory)
 
 
@@ -63,7 +65,8 @@ def _memory(args) -> int:
     from .memory import MemoryConfig, format_table, measure_memory, to_csv
 
     config = MemoryConfig(args.model, parse_shape(args.input_shape), args.batch, args.threads, args.steps,
-                          args.repeats, _engines(args.engines), args.target, args.seed, args.runtime_python)
+                          args.repeats, _engines(args.engines), args.target, args.seed, args.runtime_python,
+                          args.device)
     result = measure_memory(config, args.artifacts)
     print(json.dumps(result.to_dict(), indent=2) if args.json else to_csv(result) if args.csv
           else format_table(result))

@@ -30,6 +30,8 @@ class MemoryConfig:
         steps: training steps of each run. repeats: runs per engine (the median peak is kept).
         target: label of the machine measured. runtime_python: interpreter of the
             runtime-only children (default: this one), e.g. a venv with stock onnxruntime.
+        device: "serial:PORT" (a pyserial URL) to measure the portable engine's fresh process
+            on the board whose agent listens there; None: this machine.
     Raises:
         ValueError: naming the bad field and what is accepted.
     """
@@ -44,16 +46,25 @@ class MemoryConfig:
     target: str = "host"
     seed: int = 0
     runtime_python: str | None = None
+    device: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", check_shape(self.model, self.input_shape))
         object.__setattr__(self, "engines", check_engines(self.engines))
+        if self.device is not None and not (str(self.device).startswith("serial:") and self.serial_port):
+            raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
+                             "(serial:/dev/ttyUSB0, serial:socket://host:4000); memory is measured, never projected")
         for name in ("batch", "threads", "steps", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= 1")
         if not isinstance(self.target, str) or not self.target:
             raise ValueError(f"target={self.target!r}; accepted: a non-empty label such as 'host'")
+
+    @property
+    def serial_port(self) -> str | None:
+        """PORT of device 'serial:PORT', else None."""
+        return str(self.device)[len("serial:"):] if self.device is not None else None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -115,10 +126,14 @@ def measure_memory(config: MemoryConfig = MemoryConfig(), artifacts_dir=None) ->
 
     Returns:
         MemoryResult: peak resident bytes per engine (median over `repeats` runs), with the
-        ratio to torch eager's peak when "torch" is among the engines.
+        ratio to torch eager's peak when "torch" is among the engines. With a serial device:
+        one row, the portable engine's process on the board (no torch there, so no ratio).
     Raises:
-        RuntimeError: a fresh process failed (its error shown).
+        RuntimeError: a fresh process failed (its error shown). EdgeclError: the board's link
+            or agent failed (edgecl.devices).
     """
+    if config.serial_port is not None:
+        return _measure_on_board(config, artifacts_dir)
     reports = {name: [] for name in config.engines}
     names = list(config.engines)
     with tempfile.TemporaryDirectory(prefix="edgecl-memory-") as tmp:
@@ -137,6 +152,23 @@ def measure_memory(config: MemoryConfig = MemoryConfig(), artifacts_dir=None) ->
     return MemoryResult(config, rows)
 
 
+def _measure_on_board(config: MemoryConfig, artifacts_dir=None) -> MemoryResult:
+    """Export here, push once, then `repeats` fresh runtime-only processes measured by the agent on the board."""
+    from edgecl.devices.host import push_for_bench, connect
+
+    with tempfile.TemporaryDirectory(prefix="edgecl-memory-") as tmp:
+        prepared = prepare(config.model, config.input_shape, config.batch, ("portable",), artifacts_dir or tmp,
+                           config.seed)
+        with connect(config.serial_port) as device:
+            name = push_for_bench(device, prepared.artifacts["portable"])
+            runs = [device.probe_process(name, config.batch, config.steps, config.threads)
+                    for _ in range(config.repeats)]
+    row = MemoryRow(config.model, "portable", "runtime-only", f"board:{runs[0].machine}", "measured",
+                    _median_int(r.peak_rss_bytes for r in runs), None, _median_int(r.imports_rss_bytes for r in runs),
+                    _median_int(r.interpreter_rss_bytes for r in runs), any(r.torch_imported for r in runs))
+    return MemoryResult(config, (row,))
+
+
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
@@ -144,13 +176,14 @@ def _mib(n: int | None) -> str:
 def format_table(result: MemoryResult) -> str:
     """A human table in MiB: peak, ratio to torch eager, and the resident set after the imports."""
     c = result.config
+    where = f", on the board at {c.serial_port}" if c.serial_port is not None else ""
     lines = [f"{c.model} {'x'.join(map(str, c.input_shape))}, batch {c.batch}, {c.threads} threads, {c.steps} "
-             f"training steps in a fresh process per engine, median of {c.repeats}",
-             f"{'engine':<14}{'process':<14}{'peak MiB':>9}{'vs torch':>10}{'imports MiB':>13}{'python MiB':>12}"
-             f"  torch imported"]
+             f"training steps in a fresh process per engine{where}, median of {c.repeats}",
+             f"{'engine':<14}{'process':<14}{'target':<16}{'peak MiB':>9}{'vs torch':>10}{'imports MiB':>13}"
+             f"{'python MiB':>12}  torch imported"]
     for r in result.rows:
         ratio = f"{r.ratio_to_torch:.2f}x" if r.ratio_to_torch is not None else "-"
-        lines.append(f"{r.engine:<14}{r.process:<14}{_mib(r.peak_rss_bytes):>9}{ratio:>10}"
+        lines.append(f"{r.engine:<14}{r.process:<14}{r.target:<16}{_mib(r.peak_rss_bytes):>9}{ratio:>10}"
                      f"{_mib(r.imports_rss_bytes):>13}{_mib(r.interpreter_rss_bytes):>12}  "
                      f"{'yes' if r.torch_imported else 'no'}")
     return "\n".join(lines)

@@ -5,7 +5,8 @@
 Requests (each a JSON frame the agent answers with OK or ERROR, see the table in
 devices/README): HELLO (version handshake), CAPS, PUT + CHUNK... + PUT_END (artifacts or data,
 kept only once every file's sha256 checks), TRAIN (PROGRESS frames, then the run's metrics),
-EVAL, BENCH (step latency measured on the board), FETCH (the run's latest checkpoint).
+EVAL, BENCH (step latency measured on the board, or with what=fresh-process the peak memory and
+cold start of a fresh runtime-only training process), FETCH (the run's latest checkpoint).
 
 Workdir layout: artifacts/<name>/, data/<name>/split.npz, runs/<run>/{spec.json, result.json,
 checkpoints/}, .incoming/ (transfers in progress; cleared at start). Needs numpy, onnxruntime
@@ -278,6 +279,11 @@ class Agent:
                              msg.get("threads", 2))
 
     def _bench(self, msg: dict) -> dict:
+        if msg.get("what", "steps") == "fresh-process":
+            return jobs.probe_fresh_process(check_name(msg["artifact"], "artifact"), self.workdir,
+                                            msg.get("batch", 32), msg.get("steps", 20), msg.get("threads", 2))
+        if msg.get("what", "steps") != "steps":
+            raise ValueError(f"bench what={msg['what']!r}; accepted: steps, fresh-process")
         return jobs.bench_steps(check_name(msg["artifact"], "artifact"), self.workdir, msg.get("batch", 32),
                                 msg.get("steps", 30), msg.get("warmup", 3), msg.get("threads", 2))
 

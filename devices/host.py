@@ -84,6 +84,29 @@ class BoardLatency:
 
 
 @dataclasses.dataclass(frozen=True)
+class BoardProcess:
+    """A fresh runtime-only training process on the board (edgecl.runtime.probe), measured there:
+    peak and post-import resident memory in bytes (None where the board's OS does not say), and
+    the first training step's end in ms from the spawn (the cold start)."""
+
+    peak_rss_bytes: int
+    imports_rss_bytes: int | None
+    interpreter_rss_bytes: int | None
+    first_step_ms: float
+    torch_imported: bool
+    steps: int
+    batch: int
+    threads: int | None
+    engine: str
+    model: str
+    machine: str
+    measured: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class FetchResult:
     """A run's latest checkpoint, copied into `path` (a folder `load_checkpoint` reads), and its metrics."""
 
@@ -218,6 +241,13 @@ class Device:
                                            "threads": threads})
         return BoardLatency(**{f.name: msg[f.name] for f in dataclasses.fields(BoardLatency)})
 
+    def probe_process(self, artifact: str, batch: int = 32, steps: int = 20,
+                      threads: int | None = 2) -> BoardProcess:
+        """Peak memory and cold start of a fresh process training `artifact` `steps` steps on the board."""
+        msg = self.request(MsgType.BENCH, {"artifact": artifact, "what": "fresh-process", "batch": batch,
+                                           "steps": steps, "threads": threads})
+        return BoardProcess(**{f.name: msg[f.name] for f in dataclasses.fields(BoardProcess)})
+
     def fetch_checkpoint(self, run: str, out_dir: str | Path) -> FetchResult:
         """Copy run `run`'s latest checkpoint to out_dir/<checkpoint> (+ LATEST) after checking every sha256.
 
@@ -284,12 +314,17 @@ def board_latency(port: str, artifacts: str | Path, batch: int = 32, steps: int 
 
     For `bench latency --device serial:PORT`: the figures are measured on the board, never projected.
     """
+    with connect(port, baudrate) as device:
+        return device.bench(push_for_bench(device, artifacts), batch, steps, warmup, threads)
+
+
+def push_for_bench(device: Device, artifacts: str | Path) -> str:
+    """The board's name of `artifacts` ("bench-<sha of manifest>"), pushed first if the board lacks it."""
     manifest_sha = hashlib.sha256((Path(artifacts) / "manifest.json").read_bytes()).hexdigest()[:10]
     name = f"bench-{manifest_sha}"
-    with connect(port, baudrate) as device:
-        if name not in device.capabilities()["artifacts"]:
-            device.push(artifacts, "artifact", name)
-        return device.bench(name, batch, steps, warmup, threads)
+    if name not in device.capabilities()["artifacts"]:
+        device.push(artifacts, "artifact", name)
+    return name
 
 
 def connect(port: str, baudrate: int = 115200, ack_timeout: float = 2.0, retries: int = 5,

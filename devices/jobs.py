@@ -251,3 +251,39 @@ def bench_steps(artifact: str, workdir: Path, batch: int = 32, steps: int = 30, 
             "infer_iqr_ms": timed["infer"][1], "steps": steps, "batch": batch, "threads": threads,
             "engine": engine.name, "model": engine.manifest.model_name, "machine": platform.machine(),
             "measured": True}
+
+
+def probe_fresh_process(artifact: str, workdir: Path, batch: int = 32, steps: int = 20, threads: int | None = 2,
+                        seed: int = 0) -> dict:
+    """Peak resident memory and cold start of a fresh runtime-only process training `artifact` on the board.
+
+    A new interpreter (this one's) imports numpy and edgecl.runtime, opens the artifact and
+    trains `steps` steps on a seeded random batch (edgecl.runtime.probe, as `bench memory` on
+    the host), so the agent's own memory (its link, earlier jobs) is not counted.
+
+    Returns:
+        {"peak_rss_bytes", "imports_rss_bytes", "interpreter_rss_bytes", "first_step_ms" (from
+        the spawn: the cold start), "torch_imported", "steps", "batch", "threads", "engine",
+        "model", "machine", "measured": True}.
+    """
+    from edgecl.runtime.manifest import load_manifest
+    from edgecl.runtime.probe import probe_runtime
+
+    if steps < 1 or batch < 2:
+        raise ValueError(f"steps={steps}, batch={batch}; accepted: steps >= 1, batch >= 2")
+    folder = workdir / "artifacts" / check_job_name("artifact", artifact)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no artifact {artifact!r} on the board (push it first); have: "
+                                f"{sorted(p.name for p in (workdir / 'artifacts').glob('*')) or 'none'}")
+    manifest = load_manifest(folder)
+    rng = np.random.default_rng(seed)
+    batch_file = workdir / "probe" / f"batch-{artifact}-{batch}.npz"
+    batch_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(batch_file, x=rng.random((batch, *manifest.input_shape), dtype=np.float32),
+             y=rng.integers(0, manifest.num_classes, batch).astype(np.int64))
+    r = probe_runtime(folder, batch_file, steps, threads)
+    return {"peak_rss_bytes": int(r["rss_peak"]), "imports_rss_bytes": r["rss_imports"],
+            "interpreter_rss_bytes": r["rss_interpreter"], "first_step_ms": r["t_first"],
+            "torch_imported": bool(r["torch_imported"]), "steps": steps, "batch": batch, "threads": threads,
+            "engine": manifest.engine, "model": manifest.model_name, "machine": platform.machine(),
+            "measured": True}

@@ -1,4 +1,4 @@
-"""`bench latency --device serial:PORT`: the same command, measured by an agent on the board."""
+"""`bench latency` and `bench memory --device serial:PORT`: the same commands, measured by an agent on the board."""
 
 from __future__ import annotations
 
@@ -37,3 +37,41 @@ def test_no_agent_on_the_port_is_a_clear_error(capsys, tmp_path):
     assert bench_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("bench latency: error:") and "/dev/edgecl-no-such-port" in err
+
+
+def test_bench_memory_on_a_board_measures_a_fresh_process_there(board, capsys, tmp_path):
+    argv = ["memory", "--model", "mlp", "--input-shape", "1x8x8", "--batch", "8", "--steps", "3", "--repeats", "2",
+            "--threads", "1", "--artifacts", str(tmp_path), "--device", f"serial:{board.relay.host_path}"]
+    assert bench_cli.main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    with board.device() as device:
+        machine = device.capabilities()["machine"]
+    [row] = out["rows"]
+    assert (row["engine"], row["process"], row["source"], row["target"]) == (
+        "portable", "runtime-only", "measured", f"board:{machine}")
+    assert row["ratio_to_torch"] is None and row["torch_imported"] is False
+    # a new interpreter's own figures, not the agent's: bare < after imports < peak
+    assert 0 < row["interpreter_rss_bytes"] < row["imports_rss_bytes"] < row["peak_rss_bytes"]
+    assert out["device"] == f"serial:{board.relay.host_path}"
+
+    assert bench_cli.main(argv) == 0
+    assert f"board:{machine}" in capsys.readouterr().out
+
+
+def test_the_agent_probe_refuses_an_unknown_measurement(board, exported):
+    from edgecl.devices import AgentError, MsgType, push_for_bench
+
+    _, art = exported("mlp")
+    with board.device() as device:
+        name = push_for_bench(device, art)
+        report = device.probe_process(name, batch=4, steps=2, threads=1)
+        assert report.steps == 2 and report.first_step_ms > 0 and report.engine == "portable"
+        with pytest.raises(AgentError, match="what='swap'; accepted: steps, fresh-process"):
+            device.request(MsgType.BENCH, {"artifact": name, "what": "swap"})
+
+
+def test_memory_is_never_projected_from_a_profile(capsys, tmp_path):
+    argv = ["memory", "--model", "mlp", "--input-shape", "1x8x8", "--artifacts", str(tmp_path),
+            "--device", "raspberry-pi-4"]
+    assert bench_cli.main(argv) == 2
+    assert "device='raspberry-pi-4'; accepted: serial:PORT" in capsys.readouterr().err
