@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgecl.bench.fresh_process import MODEL_NAMES
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="edgecl measurements.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("step", help="median training-step latency of each engine vs torch eager")
-    p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet", "mobilenet"])
+    p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
     p.add_argument("--input-shape", default="1x8x8")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -23,14 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "sparcl-derpp-0.90", help="comma-separated names (see edgecl.bench.matrix.STRATEGIES)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--data", default="fashion-mnist", choices=["digits", "fashion-mnist"])
-    p.add_argument("--epochs", type=int, default=3, help="epochs per task")
+    p.add_argument("--model", default="cnn-s2", choices=MODEL_NAMES)
+    p.add_argument("--epochs", type=int, default=10, help="epochs per task")
     p.add_argument("--buffer", type=int, default=500)
     p.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each")
-    p.add_argument("--out", default="results/fmnist")
+    p.add_argument("--out", default="results/fmnist-s2-e10", help="defaults: the README's table")
     p.set_defaults(func=_matrix)
 
     p = sub.add_parser("summary", help="mean and spread over seeds of a `bench run` folder, as Markdown or JSON")
-    p.add_argument("out", nargs="?", default="results/fmnist")
+    p.add_argument("out", nargs="?", default="results/fmnist-s2-e10")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_summary)
 
@@ -48,7 +51,7 @@ def _matrix(args) -> int:
     from edgecl.bench.matrix import markdown_table, run_matrix, summarize
 
     run_matrix(args.strategies.split(","), [int(s) for s in args.seeds.split(",")], args.out, args.data,
-               args.epochs, args.buffer, args.workers)
+               args.epochs, args.buffer, args.workers, model=args.model)
     print(markdown_table(summarize(args.out)))
     return 0
 

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import sys
 
+from edgecl.bench.fresh_process import MODEL_NAMES
+
 
 def _export(args) -> int:
     import torch
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="split", choices=["split", "permuted"],
                    help="split: 5 tasks of 2 classes (class-IL and task-IL); permuted: 5 pixel permutations "
                    "(domain-IL)")
-    p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet", "mobilenet"])
+    p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
     p.add_argument("--engine", default="portable", choices=["portable", "ort-training", "torch"])
     p.add_argument("--method", default="derpp", choices=["finetune", "joint", "er", "derpp"])
     p.add_argument("--sparsity", type=float, default=0.75, help="SparCL weight sparsity (default 0.75)")
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     p = sub.add_parser("export", help="export a model family to training artifacts (host, needs torch)")
-    p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet", "mobilenet"])
+    p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
     p.add_argument("--engine", default="portable", choices=["portable", "ort-training"])
     p.add_argument("--input-shape", default="1x8x8", help="one sample, CxHxW (default 1x8x8)")
     p.add_argument("--classes", type=int, default=10)

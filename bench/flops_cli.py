@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import sys
 
-MODELS = ("mlp", "cnn", "resnet", "mobilenet")
+from edgecl.bench.fresh_process import MODEL_NAMES
 
 
 def add_parsers(sub) -> None:
     """Add the three subcommands to a `bench` subparsers object."""
     p = sub.add_parser("flops", help="training FLOPs per step/epoch/run, per layer and phase (+ projected latency)")
-    p.add_argument("--model", default="cnn", choices=MODELS)
+    p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
     p.add_argument("--input-shape", default="1x28x28", help="C x H x W of one sample")
     p.add_argument("--artifacts", help="an exported folder: use its manifest's layer table instead of --model")
     p.add_argument("--batch", type=int, default=32, help="stream examples per step")

@@ -43,8 +43,8 @@ class Cell:
         return f"{self.strategy}-seed{self.seed}"
 
 
-def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: int = 3, buffer: int = 500,
-               workers: int = 2, progress: bool = True) -> list[Path]:
+def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: int = 10, buffer: int = 500,
+               workers: int = 2, progress: bool = True, model: str = "cnn-s2") -> list[Path]:
     """Run every (strategy, seed) cell not yet done; returns the JSON paths of all cells.
 
     Raises:
@@ -68,7 +68,7 @@ def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: 
     while todo or running:
         while todo and len(running) < workers:
             cell = todo.pop(0)
-            args = [sys.executable, "-m", "edgecl.bench.edgecl_cli", "run", "--data", data, "--epochs", str(epochs),
+            args = [sys.executable, "-m", "edgecl.bench.edgecl_cli", "run", "--data", data, "--model", model, "--epochs", str(epochs),
                     "--buffer", str(buffer), "--seed", str(cell.seed), "--threads", "1", "--quiet",
                     "--out", str(out_dir), "--json", str(out_dir / "runs" / f"{cell.name}.json"),
                     "--checkpoint", str(out_dir / "ckpt" / cell.name), *STRATEGIES[cell.strategy]]

@@ -25,14 +25,22 @@ def mlp(in_shape=(1, 8, 8), num_classes=10, hidden=(128, 64), dropout=0.0) -> nn
     return nn.Sequential(*layers)
 
 
-def small_cnn(in_shape=(1, 8, 8), num_classes=10, width=16) -> nn.Module:
-    """Two conv-ReLU-pool stages and a two-layer classifier (the SparCL "small CNN" scale)."""
+def small_cnn(in_shape=(1, 8, 8), num_classes=10, width=16, stem_stride=1) -> nn.Module:
+    """Two conv-ReLU-pool stages and a two-layer classifier (the SparCL "small CNN" scale).
+
+    stem_stride=2 ("cnn-s2"): the first conv strides by 2 in place of the first pooling, so the
+    dense stem is ~3 % of the dense forward work on 28x28 inputs instead of ~10 %, the share
+    ResNet-18's stem has on CIFAR-10 in SparCL (0.3 %) being the reference: at 90 % sparsity a
+    dense 28x28 stem alone is ~44 % of a sparse training step.
+    """
+    if stem_stride not in (1, 2):
+        raise ValueError(f"stem_stride={stem_stride!r}; accepted: 1 or 2")
     c, h, w = in_shape
     feat = 2 * width * (h // 4) * (w // 4)
+    stem = ([nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)] if stem_stride == 1
+            else [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.ReLU()])
     return nn.Sequential(
-        nn.Conv2d(c, width, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *stem,
         nn.Conv2d(width, 2 * width, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
@@ -41,6 +49,11 @@ def small_cnn(in_shape=(1, 8, 8), num_classes=10, width=16) -> nn.Module:
         nn.ReLU(),
         nn.Linear(64, num_classes),
     )
+
+
+def small_cnn_s2(in_shape=(1, 8, 8), num_classes=10, width=16) -> nn.Module:
+    """The small CNN with a stride-2 stem (see small_cnn)."""
+    return small_cnn(in_shape, num_classes, width, stem_stride=2)
 
 
 class BasicBlock(nn.Module):
@@ -113,7 +126,7 @@ def mobilenet(in_shape=(1, 8, 8), num_classes=10, width=16) -> nn.Module:
     )
 
 
-MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet": SmallResNet, "mobilenet": mobilenet}
+MODELS = {"mlp": mlp, "cnn": small_cnn, "cnn-s2": small_cnn_s2, "resnet": SmallResNet, "mobilenet": mobilenet}
 
 
 def build_model(name: str, in_shape=(1, 8, 8), num_classes=10, seed: int = 0, **kwargs) -> nn.Module:

@@ -58,7 +58,7 @@ def test_errors_name_the_bad_value():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("family", ["mlp", "cnn", "resnet", "mobilenet"])
+@pytest.mark.parametrize("family", ["mlp", "cnn", "cnn-s2", "resnet", "mobilenet"])
 def test_dense_training_step_matches_torch_flop_counter(family):
     """Forward + backward of a full training step, dense, against FlopCounterMode.
 
