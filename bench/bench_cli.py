@@ -37,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_summary)
 
+    p = sub.add_parser("drift", help="final ACC of two engines from the same seed, next to one ulp of float32 noise")
+    p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
+    p.add_argument("--method", default="derpp", choices=["finetune", "joint", "er", "derpp"])
+    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--dense", action="store_true", help="no SparCL")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the data set's, as edgecl run)")
+    p.add_argument("--buffer", type=int, default=500)
+    p.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--engine-a", default="portable", choices=["portable", "ort-training", "torch"])
+    p.add_argument("--engine-b", default="torch", choices=["portable", "ort-training", "torch"])
+    p.add_argument("--out", default="out", help="where exports are cached")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=_drift)
+
     from edgecl.bench.flops_cli import add_parsers as add_flops_devices_report  # flops, devices, report
 
     add_flops_devices_report(sub)
@@ -53,6 +68,26 @@ def _matrix(args) -> int:
     run_matrix(args.strategies.split(","), [int(s) for s in args.seeds.split(",")], args.out, args.data,
                args.epochs, args.buffer, args.workers, model=args.model)
     print(markdown_table(summarize(args.out)))
+    return 0
+
+
+def _drift(args) -> int:
+    import json
+    from pathlib import Path
+
+    from edgecl.bench.cl_run import DATA_DEFAULTS, JobConfig
+    from edgecl.bench.drift import format_table, measure_drift
+
+    defaults = DATA_DEFAULTS[args.data]
+    job = JobConfig(data=args.data, model=args.model, engine=args.engine_a, method=args.method,
+                    sparsity=None if args.dense else args.sparsity, buffer=args.buffer,
+                    epochs=defaults["epochs"] if args.epochs is None else args.epochs, lr=defaults["lr"], threads=1)
+    result = measure_drift(job, [int(s) for s in args.seeds.split(",")], args.engine_b, args.out)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {args.json}")
     return 0
 
 

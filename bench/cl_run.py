@@ -75,8 +75,11 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
     return model, folder
 
 
-def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True):
+def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True, before_training=None):
     """Export (cached), plan memory, build the strategy and run it.
+
+    `before_training(engine)`, if given, is called on the opened engine before anything runs
+    (`bench drift` moves one weight by one ulp there).
 
     Returns:
         (RunResult, the plan as a dict, the MemoryPlan or None when no budget was given).
@@ -90,6 +93,8 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
     optimizer = job.optimizer()
     engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"
               else open_engine(folder, optimizer, threads=job.threads))
+    if before_training is not None:
+        before_training(engine)
     learner, plan_dict, plan = build_learner(engine, scenario, job)
     strategy = job.strategy()
     extra = {"job": dataclasses.asdict(job), "label": strategy.label, "budget_plan": plan_dict}
