@@ -62,15 +62,10 @@ class EvalResult:
     source: str
 
 
-@dataclasses.dataclass(frozen=True)
-class BoardLatency:
-    """Latency measured on the board (never projected), ms: median and IQR over `steps` training
-    steps (median_ms, iqr_ms) and over `steps` inference calls of the same batch (infer_*)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BoardMeasurement:
+    """Where a measurement on the board ran: always measured there, never projected."""
 
-    median_ms: float
-    iqr_ms: float
-    infer_median_ms: float
-    infer_iqr_ms: float
     steps: int
     batch: int
     threads: int | None
@@ -79,31 +74,37 @@ class BoardLatency:
     machine: str
     measured: bool = True
 
+    @classmethod
+    def from_reply(cls, msg: dict):
+        """From the agent's OK reply (extra keys are ignored; a missing one raises KeyError)."""
+        return cls(**{f.name: msg[f.name] for f in dataclasses.fields(cls)})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class BoardProcess:
-    """A fresh runtime-only training process on the board (edgecl.runtime.probe), measured there:
-    peak and post-import resident memory in bytes (None where the board's OS does not say), and
-    the first training step's end in ms from the spawn (the cold start)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BoardLatency(BoardMeasurement):
+    """Latency in ms: median and IQR over `steps` training steps (median_ms, iqr_ms) and over
+    `steps` inference calls of the same batch (infer_*)."""
+
+    median_ms: float
+    iqr_ms: float
+    infer_median_ms: float
+    infer_iqr_ms: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BoardProcess(BoardMeasurement):
+    """A fresh runtime-only training process (edgecl.runtime.probe): peak and post-import resident
+    memory in bytes (None where the board's OS does not say), and the first training step's end
+    in ms from the spawn (the cold start)."""
 
     peak_rss_bytes: int
     imports_rss_bytes: int | None
     interpreter_rss_bytes: int | None
     first_step_ms: float
     torch_imported: bool
-    steps: int
-    batch: int
-    threads: int | None
-    engine: str
-    model: str
-    machine: str
-    measured: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,14 +240,14 @@ class Device:
         """Training-step latency of `artifact` measured on the board."""
         msg = self.request(MsgType.BENCH, {"artifact": artifact, "batch": batch, "steps": steps, "warmup": warmup,
                                            "threads": threads})
-        return BoardLatency(**{f.name: msg[f.name] for f in dataclasses.fields(BoardLatency)})
+        return BoardLatency.from_reply(msg)
 
     def probe_process(self, artifact: str, batch: int = 32, steps: int = 20,
                       threads: int | None = 2) -> BoardProcess:
         """Peak memory and cold start of a fresh process training `artifact` `steps` steps on the board."""
         msg = self.request(MsgType.BENCH, {"artifact": artifact, "what": "fresh-process", "batch": batch,
                                            "steps": steps, "threads": threads})
-        return BoardProcess(**{f.name: msg[f.name] for f in dataclasses.fields(BoardProcess)})
+        return BoardProcess.from_reply(msg)
 
     def fetch_checkpoint(self, run: str, out_dir: str | Path) -> FetchResult:
         """Copy run `run`'s latest checkpoint to out_dir/<checkpoint> (+ LATEST) after checking every sha256.
