@@ -60,6 +60,7 @@ def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: 
         raise ValueError(f"workers={workers}; accepted: >= 1")
     out_dir = Path(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    _check_same_setting(out_dir, {"data": data, "model": model, "epochs": epochs, "buffer": buffer})
     cells = [Cell(s, seed) for seed in seeds for s in strategies]  # seed-major: a first full table comes early
     todo = [c for c in cells if not (out_dir / "runs" / f"{c.name}.json").exists()]
     running: dict[Cell, subprocess.Popen] = {}
@@ -85,6 +86,20 @@ def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: 
     if failed:
         raise RuntimeError(f"cells failed: {failed}; see {out_dir / 'runs'}/<cell>.log")
     return [out_dir / "runs" / f"{c.name}.json" for c in cells]
+
+
+def _check_same_setting(out_dir: Path, setting: dict) -> None:
+    """Refuse to add cells to a folder whose finished runs used another data set, model, epochs or buffer.
+
+    A cell is skipped when its JSON exists, so mixing settings in one folder would make a
+    table of incomparable runs without a word.
+    """
+    for path in sorted((out_dir / "runs").glob("*.json")):
+        job = json.loads(path.read_text()).get("config", {}).get("job", {})
+        theirs = {k: job.get(k) for k in setting}
+        if theirs != setting:
+            raise ValueError(f"{out_dir} holds runs of {theirs} ({path.name}); asked for {setting}; accepted: the "
+                             "same setting, or another --out folder")
 
 
 def summarize(out_dir, reference: str = "derpp") -> list[dict]:

@@ -51,9 +51,16 @@ class MemoryConfig:
     def __post_init__(self):
         object.__setattr__(self, "input_shape", check_shape(self.model, self.input_shape))
         object.__setattr__(self, "engines", check_engines(self.engines))
-        if self.device is not None and not (str(self.device).startswith("serial:") and self.serial_port):
-            raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
-                             "(serial:/dev/ttyUSB0, serial:socket://host:4000); memory is measured, never projected")
+        if self.device is not None:
+            if not (str(self.device).startswith("serial:") and self.serial_port):
+                raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
+                                 "(serial:/dev/ttyUSB0, serial:socket://host:4000); memory is measured, never projected")
+            if self.engines == ENGINES:  # the default: on a board, the engine its artifacts are for
+                object.__setattr__(self, "engines", ("portable",))
+            if self.engines != ("portable",) or self.runtime_python is not None or self.batch < 2:
+                raise ValueError(f"engines={list(self.engines)}, runtime_python={self.runtime_python!r}, "
+                                 f"batch={self.batch} with device={self.device!r}; accepted: engines ['portable'], "
+                                 "no runtime_python (the board's own Python runs it), batch >= 2")
         for name in ("batch", "threads", "steps", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

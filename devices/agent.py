@@ -35,7 +35,7 @@ from .link import Link, LinkClosed, LinkError, LinkTimeout, MsgType, ProtocolErr
 from .transfer import (DEFAULT_CHUNK_BYTES, FileSpec, Incoming, TransferError, check_name, chunk_spans, clear_incoming,
                        encode_chunk, folder_specs)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: BENCH what=fresh-process
 PUT_KINDS = ("artifact", "data")
 
 

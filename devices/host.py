@@ -3,7 +3,7 @@
     with connect("/dev/ttyUSB0") as board:
         board.push(artifact_folder)
         board.push_data(train, test, "digits-s0")
-        result = board.train(TrainSpec("run1", "cnn", DataSpec("digits-s0", tasks=2), epochs=2))
+        result = board.train(TrainSpec(run="run1", artifact="cnn", data=DataSpec("digits-s0", tasks=2), epochs=2))
 
 Every method returns a typed result or raises: AgentError (the agent refused or failed, with
 its reason), LinkTimeout (the agent stopped answering), LinkClosed (the port failed),
@@ -76,7 +76,15 @@ class BoardMeasurement:
 
     @classmethod
     def from_reply(cls, msg: dict):
-        """From the agent's OK reply (extra keys are ignored; a missing one raises KeyError)."""
+        """From the agent's OK reply (extra keys are ignored).
+
+        Raises:
+            ProtocolError: the reply lacks fields (an agent of another edgecl version).
+        """
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in msg]
+        if missing:
+            raise ProtocolError(f"the agent's reply lacks {', '.join(missing)} for a {cls.__name__}; update the agent "
+                                "to this edgecl version")
         return cls(**{f.name: msg[f.name] for f in dataclasses.fields(cls)})
 
     def to_dict(self) -> dict:

@@ -13,6 +13,7 @@ import json
 import platform
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -277,11 +278,11 @@ def probe_fresh_process(artifact: str, workdir: Path, batch: int = 32, steps: in
                                 f"{sorted(p.name for p in (workdir / 'artifacts').glob('*')) or 'none'}")
     manifest = load_manifest(folder)
     rng = np.random.default_rng(seed)
-    batch_file = workdir / "probe" / f"batch-{artifact}-{batch}.npz"
-    batch_file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(batch_file, x=rng.random((batch, *manifest.input_shape), dtype=np.float32),
-             y=rng.integers(0, manifest.num_classes, batch).astype(np.int64))
-    r = probe_runtime(folder, batch_file, steps, threads)
+    with tempfile.TemporaryDirectory(prefix="edgecl-probe-") as tmp:  # the batch the child reads, then gone
+        batch_file = Path(tmp) / "batch.npz"
+        np.savez(batch_file, x=rng.standard_normal((batch, *manifest.input_shape), dtype=np.float32),
+                 y=rng.integers(0, manifest.num_classes, batch).astype(np.int64))
+        r = probe_runtime(folder, batch_file, steps, threads)
     return {"peak_rss_bytes": int(r["rss_peak"]), "imports_rss_bytes": r["rss_imports"],
             "interpreter_rss_bytes": r["rss_interpreter"], "first_step_ms": r["t_first"],
             "torch_imported": bool(r["torch_imported"]), "steps": steps, "batch": batch, "threads": threads,

@@ -36,7 +36,10 @@ def small_cnn(in_shape=(1, 8, 8), num_classes=10, width=16, stem_stride=1) -> nn
     if stem_stride not in (1, 2):
         raise ValueError(f"stem_stride={stem_stride!r}; accepted: 1 or 2")
     c, h, w = in_shape
-    feat = 2 * width * (h // 4) * (w // 4)
+    if stem_stride == 2:  # the stride-2 conv (padding 1) gives ceil(h / 2), then one 2x2 pool
+        feat = 2 * width * ((h + 1) // 2 // 2) * ((w + 1) // 2 // 2)
+    else:
+        feat = 2 * width * (h // 4) * (w // 4)
     stem = ([nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)] if stem_stride == 1
             else [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.ReLU()])
     return nn.Sequential(

@@ -21,7 +21,7 @@ from .scenarios import Scenario
 from .strategies import Learner, Method, SparCLConfig, StrategyConfig
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LearnerSpec:
     """Strategy, replay buffer and schedule of a run.
 

@@ -85,8 +85,11 @@ def run_child(source: str, cfg: dict, python: str | None = None, timeout_s: floa
     """
     argv = [python or sys.executable, "-c", source]
     spawn = time.monotonic()
-    proc = subprocess.run(argv + [json.dumps(cfg)], capture_output=True, text=True, env=child_env(),
-                          timeout=timeout_s)
+    try:
+        proc = subprocess.run(argv + [json.dumps(cfg)], capture_output=True, text=True, env=child_env(),
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the fresh {what} process ({argv[0]}) did not finish within {timeout_s:g} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 IN_SHAPE = (1, 8, 8)
-FAMILIES = ("mlp", "cnn", "resnet", "mobilenet")
+FAMILIES = ("mlp", "cnn", "cnn-s2", "resnet", "mobilenet")
 
 
 def rel_err(a, b) -> float:

@@ -30,6 +30,14 @@ def test_nudge_moves_exactly_one_entry_by_one_ulp(exported):
     assert all(np.array_equal(before[k], after[k]) for k in before if k != name)
 
 
+def test_a_run_is_exactly_repeatable_so_the_ulp_gap_is_rounding_alone(tmp_path):
+    from edgecl.bench.cl_run import run_job
+
+    job = JobConfig(data="digits", model="mlp", method="derpp", sparsity=0.75, buffer=50, epochs=2, lr=0.1, threads=1)
+    first, again = (run_job(job, tmp_path, progress=False)[0] for _ in range(2))
+    assert first.acc_matrix == again.acc_matrix and first.train_flops == again.train_flops
+
+
 def test_three_runs_per_seed_and_the_gaps_they_give(tmp_path):
     job = JobConfig(data="digits", model="mlp", method="er", sparsity=None, buffer=50, epochs=1, lr=0.1, threads=1)
     result = measure_drift(job, [0, 1], "torch", tmp_path, progress=False)

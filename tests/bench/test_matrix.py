@@ -18,6 +18,8 @@ def test_matrix_runs_resumes_and_summarizes(tmp_path, capsys):
     stamp = {p: p.stat().st_mtime_ns for p in paths}
     run_matrix(["finetune", "derpp"], [0, 1], out, data="digits", epochs=1, buffer=50, workers=2, progress=False)
     assert {p: p.stat().st_mtime_ns for p in paths} == stamp  # done cells are skipped
+    with pytest.raises(ValueError, match="holds runs of .*'epochs': 1.*asked for .*'epochs': 2"):
+        run_matrix(["er"], [0], out, data="digits", epochs=2, buffer=50, progress=False)  # no mixed tables
     rows = summarize(out)
     assert [r["strategy"] for r in rows] == ["finetune", "derpp"]
     derpp = rows[1]

@@ -75,3 +75,27 @@ def test_memory_is_never_projected_from_a_profile(capsys, tmp_path):
             "--device", "raspberry-pi-4"]
     assert bench_cli.main(argv) == 2
     assert "device='raspberry-pi-4'; accepted: serial:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"engines": ("portable", "torch")}, "engines=\\['portable', 'torch'\\], .* accepted: engines \\['portable'\\]"),
+    ({"runtime_python": "/usr/bin/python3"}, "runtime_python='/usr/bin/python3'"),
+    ({"batch": 1}, "batch=1 with device"),
+    ({"device": "serial:"}, "device='serial:'; accepted: serial:PORT"),
+])
+def test_memory_on_a_board_refuses_what_the_board_cannot_do(fields, message):
+    from edgecl.bench.memory import MemoryConfig
+
+    with pytest.raises(ValueError, match=message):
+        MemoryConfig("mlp", **{"device": "serial:/dev/ttyUSB0", **fields})
+    assert MemoryConfig("mlp", device="serial:/dev/ttyUSB0").engines == ("portable",)
+
+
+def test_a_reply_without_the_fields_is_a_protocol_error():
+    from edgecl.devices.host import BoardProcess
+    from edgecl.devices.link import ProtocolError
+
+    step_reply = {"median_ms": 1.0, "iqr_ms": 0.1, "steps": 3, "batch": 8, "threads": 1, "engine": "portable",
+                  "model": "mlp", "machine": "aarch64", "measured": True}  # what an agent of protocol 1 answers
+    with pytest.raises(ProtocolError, match="lacks peak_rss_bytes, .* update the agent"):
+        BoardProcess.from_reply(step_reply)

@@ -69,3 +69,21 @@ def test_manifest_holds_layer_table(exported, engine):
     assert extra["layers"] == layer_table(model, x)
     assert extra["activation_bytes_per_sample"] == activation_bytes_per_sample(model, x) > 0
     assert "step_inputs" in extra or "param_graph_names" in extra  # the engine's own keys are kept
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 7), (1, 8, 8), (1, 11, 11), (3, 28, 28), (1, 28, 29)])
+def test_cnn_s2_takes_odd_and_even_sizes(shape):
+    from edgecl.exporters import build_model
+
+    model = build_model("cnn-s2", shape, 10).eval()
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_cnn_s2_stem_is_a_small_share_of_the_forward_work_on_28x28():
+    from edgecl.exporters import build_model
+
+    shares = {}
+    for name in ("cnn", "cnn-s2"):
+        table = layer_table(build_model(name, (1, 28, 28), 10), torch.zeros(2, 1, 28, 28))
+        shares[name] = table[0]["macs_per_sample"] / sum(row["macs_per_sample"] for row in table)
+    assert shares["cnn"] == pytest.approx(0.101, abs=0.002) and shares["cnn-s2"] == pytest.approx(0.0275, abs=0.002)

@@ -26,6 +26,15 @@ def test_bad_specs_are_refused_with_the_value_and_what_is_accepted(fields, messa
         LearnerSpec(**fields)
 
 
+def test_fields_are_keywords_only():
+    from edgecl.bench.cl_run import JobConfig
+
+    with pytest.raises(TypeError):
+        JobConfig("fashion-mnist")  # would otherwise land in `method`
+    with pytest.raises(TypeError):
+        LearnerSpec("er")
+
+
 def test_dense_strategies_need_no_buffer():
     assert LearnerSpec(method="finetune", sparsity=None, buffer=None).strategy().uses_buffer is False
 
