@@ -137,8 +137,10 @@ def markdown_table(rows: list[dict], reference: str = "DER++") -> str:
     for r in rows:
         f = r["flops_vs_reference"]
         flops = "n/a" if f is None else f"{f:.2f}x ({r['fewer_flops_than_reference']:.1f}x fewer)" if f < 0.999 else f"{f:.2f}x"
-        lines.append(f"| {r['label']} | {r['seeds']} | {r['acc'][0]:.2f} ± {r['acc'][1]:.2f} | "
-                     f"{r['task_il_acc'][0]:.2f} ± {r['task_il_acc'][1]:.2f} | "
-                     f"{r['forgetting'][0]:.2f} ± {r['forgetting'][1]:.2f} | {flops} | "
-                     f"{r['peak_rss_mib'][0]:.0f} | {r['wall_s'][0]:.0f} |")
+        def cell(key):  # one seed has no spread: say so rather than print ± 0.00
+            mean, sd = r[key]
+            return f"{mean:.2f} ± {sd:.2f}" if r["seeds"] > 1 else f"{mean:.2f} (one seed)"
+
+        lines.append(f"| {r['label']} | {r['seeds']} | {cell('acc')} | {cell('task_il_acc')} | {cell('forgetting')} | "
+                     f"{flops} | {r['peak_rss_mib'][0]:.0f} | {r['wall_s'][0]:.0f} |")
     return "\n".join(lines)

@@ -45,3 +45,12 @@ def test_bench_run_cli_writes_the_cells_and_prints_the_table(tmp_path, capsys):
     assert "| Fine-tune | 1 |" in capsys.readouterr().out
     result = json.loads((out / "runs" / "finetune-seed0.json").read_text())
     assert len(result["acc_matrix"]) == 5 and result["config"]["job"]["method"] == "finetune"
+
+
+def test_a_single_seed_row_says_so_instead_of_a_zero_spread():
+    row = {"label": "DER++", "seeds": 1, "acc": (80.0, 0.0), "task_il_acc": (97.0, 0.0), "forgetting": (20.0, 0.0),
+           "flops_vs_reference": 1.0, "fewer_flops_than_reference": 1.0, "peak_rss_mib": (600.0, 0.0),
+           "wall_s": (700.0, 0.0)}
+    line = markdown_table([row]).splitlines()[-1]
+    assert "80.00 (one seed)" in line and "±" not in line
+    assert "80.00 ± 1.50" in markdown_table([{**row, "seeds": 2, "acc": (80.0, 1.5)}])

@@ -187,8 +187,10 @@ def test_wrong_sha256_is_refused_and_nothing_kept(line, agent, payload, tmp_path
 
 
 def test_other_protocol_version_is_refused(line, agent):
+    from edgecl.devices.agent import PROTOCOL_VERSION
+
     with host(line) as board:
-        with pytest.raises(AgentError, match="host speaks protocol 99; this agent speaks 1"):
+        with pytest.raises(AgentError, match=f"host speaks protocol 99; this agent speaks {PROTOCOL_VERSION}"):
             board.request(MsgType.HELLO, {"protocol": 99})
 
 
