@@ -36,6 +36,7 @@ class JobConfig(LearnerSpec):
     scenario: str = "split"
     model: str = "cnn"
     engine: str = "portable"
+    nudge_ulp: bool = False  # a diagnostic: one stem weight moved by one ulp before training (see bench drift)
 
     def __post_init__(self):
         if self.data not in DATASETS:
@@ -75,11 +76,21 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
     return model, folder
 
 
-def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True, before_training=None):
-    """Export (cached), plan memory, build the strategy and run it.
+def nudge_one_ulp(engine) -> str:
+    """Move the largest-magnitude entry of the engine's first parameter up by one ulp; returns its name.
 
-    `before_training(engine)`, if given, is called on the opened engine before anything runs
-    (`bench drift` moves one weight by one ulp there).
+    What `JobConfig(nudge_ulp=True)` does before training: the float32 floor of `bench drift`.
+    """
+    name = next(iter(engine.param_shapes))
+    w = engine.parameters()[name]
+    i = np.unravel_index(int(np.argmax(np.abs(w))), w.shape)
+    w[i] = np.nextafter(w[i], np.float32(np.inf))
+    engine.set_parameters({name: w})
+    return name
+
+
+def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True):
+    """Export (cached), plan memory, build the strategy and run it.
 
     Returns:
         (RunResult, the plan as a dict, the MemoryPlan or None when no budget was given).
@@ -93,11 +104,12 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
     optimizer = job.optimizer()
     engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"
               else open_engine(folder, optimizer, threads=job.threads))
-    if before_training is not None:
-        before_training(engine)
+    if job.nudge_ulp:
+        nudge_one_ulp(engine)
     learner, plan_dict, plan = build_learner(engine, scenario, job)
     strategy = job.strategy()
-    extra = {"job": dataclasses.asdict(job), "label": strategy.label, "budget_plan": plan_dict}
+    extra = {"job": dataclasses.asdict(job), "label": strategy.label + (" +1 ulp" if job.nudge_ulp else ""),
+             "budget_plan": plan_dict}
     if plan is not None and progress:
         print(plan.table(), flush=True)
     result = run_scenario(scenario, learner, job.run_config(), checkpoint_dir, progress, extra)

@@ -50,7 +50,7 @@ def _run(args) -> int:
                     sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
                     ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget, epochs=args.epochs,
                     batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
-                    checkpoint_every=args.checkpoint_every)
+                    checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp)
     if args.budget is not None:
         parse_bytes(args.budget)  # fail before exporting anything
     result, plan, memory_plan = run_job(job, args.out, args.checkpoint, progress=not args.quiet)
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint", default=None, help="folder to checkpoint into and resume from")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: task ends)")
+    p.add_argument("--nudge-ulp", action="store_true",
+                   help="diagnostic: move one stem weight by one float32 ulp before training, to see how far "
+                   "rounding alone moves the run's end (bench drift)")
     p.add_argument("--out", default="out", help="folder for artifacts (default: out)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every metric as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the accuracy matrix and accuracy over time")

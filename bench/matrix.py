@@ -30,6 +30,7 @@ STRATEGIES = {
     "sparcl-derpp-0.75-no-dgm": ["--method", "derpp", "--sparsity", "0.75", "--no-dgm"],
     "sparcl-derpp-0.75-no-ddr": ["--method", "derpp", "--sparsity", "0.75", "--no-ddr"],
     "sparcl-derpp-0.75-torch": ["--method", "derpp", "--sparsity", "0.75", "--engine", "torch"],
+    "sparcl-derpp-0.75-ulp": ["--method", "derpp", "--sparsity", "0.75", "--nudge-ulp"],  # the float32 floor
 }
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from edgecl.bench import bench_cli
 from edgecl.bench.cl_run import JobConfig
-from edgecl.bench.drift import measure_drift, nudge_one_ulp
+from edgecl.bench.cl_run import nudge_one_ulp
+from edgecl.bench.drift import measure_drift
 from edgecl.runtime.open import open_engine
 
 pytest.importorskip("torch", reason="exporting needs torch (host side)")
@@ -67,3 +68,12 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "|portable-torch|" in printed and "|1 ulp|" in printed
     assert json.loads(out.read_text())["rows"][0]["seed"] == 3
+
+
+def test_a_nudged_job_says_so_in_its_label_and_config(tmp_path):
+    from edgecl.bench.cl_run import run_job
+
+    job = JobConfig(data="digits", model="mlp", method="er", sparsity=None, buffer=50, epochs=1, lr=0.1, threads=1,
+                    nudge_ulp=True)
+    result = run_job(job, tmp_path, progress=False)[0]
+    assert result.config["label"] == "ER +1 ulp" and result.config["job"]["nudge_ulp"] is True
