@@ -63,10 +63,13 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
     import torch
 
     from edgecl.exporters import build_model, export
+    from edgecl.exporters.export import exporter_fingerprint
 
     model = build_model(job.model, scenario.input_shape, scenario.num_classes, seed=job.seed)
     engine = "portable" if job.engine == "torch" else job.engine
-    key = hashlib.sha256(json.dumps([job.model, scenario.input_shape, scenario.num_classes, job.seed, engine]).encode())
+    # the exporter's fingerprint too: after an exporter change (or a new torch/onnx) the cache re-exports
+    key = hashlib.sha256(json.dumps([job.model, scenario.input_shape, scenario.num_classes, job.seed, engine,
+                                     exporter_fingerprint()]).encode())
     folder = out_dir / "artifacts" / f"{job.model}-{engine}-{key.hexdigest()[:10]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
