@@ -73,20 +73,21 @@ def _matrix(args) -> int:
 
 def _drift(args) -> int:
     import json
-    from pathlib import Path
 
-    from edgecl.bench.cl_run import DATA_DEFAULTS, JobConfig
+    from edgecl.bench.cl_run import DATA_DEFAULTS, JobConfig, prepare_output
     from edgecl.bench.drift import format_table, measure_drift
+    from edgecl.runtime.checkpoint import write_atomic
 
     defaults = DATA_DEFAULTS[args.data]
     job = JobConfig(data=args.data, model=args.model, engine=args.engine_a, method=args.method,
                     sparsity=None if args.dense else args.sparsity, buffer=args.buffer,
                     epochs=defaults["epochs"] if args.epochs is None else args.epochs, lr=defaults["lr"], threads=1)
+    if args.json:
+        prepare_output(args.json)  # before minutes of runs
     result = measure_drift(job, [int(s) for s in args.seeds.split(",")], args.engine_b, args.out)
     print(format_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0
 

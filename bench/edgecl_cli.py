@@ -37,7 +37,8 @@ def _train(args) -> int:
 
 
 def _run(args) -> int:
-    from edgecl.bench.cl_run import JobConfig, format_result, plot_result, run_job
+    from edgecl.bench.cl_run import JobConfig, format_result, plot_formats, plot_result, prepare_output, run_job
+    from edgecl.runtime.checkpoint import write_atomic
     from edgecl.runtime.budget import parse_bytes
 
     from edgecl.bench.cl_run import DATA_DEFAULTS
@@ -53,6 +54,11 @@ def _run(args) -> int:
                     checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp)
     if args.budget is not None:
         parse_bytes(args.budget)  # fail before exporting anything
+    # and before training: a bad output path found after a long run would lose the run
+    if args.json:
+        prepare_output(args.json)
+    if args.plot:
+        prepare_output(args.plot, plot_formats())
     result, plan, memory_plan = run_job(job, args.out, args.checkpoint, progress=not args.quiet)
     print(format_result(result))
     if memory_plan is not None and result.peak_rss_bytes:
@@ -60,9 +66,7 @@ def _run(args) -> int:
               f"(buffer {memory_plan.replay_capacity} examples); measured peak RSS of the whole process "
               f"{result.peak_rss_bytes:,} B (Python, numpy and ONNX Runtime included)")
     if args.json:
-        from pathlib import Path
-
-        Path(args.json).write_text(json.dumps({**result.to_dict(), "budget_plan": plan}, indent=2))
+        write_atomic(args.json, json.dumps({**result.to_dict(), "budget_plan": plan}, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
         print(f"wrote {plot_result(result, args.plot)}")

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from edgecl.runtime.checkpoint import write_atomic
+
 DATA_HELP = ("digits (loaded on the host, pushed once as digits-s<seed>), npz:PATH (a host .npz with x, y; pushed), "
              "board:SPEC (a data set on the board, e.g. board:npz:/data/x.npz), or the name of pushed data")
 
@@ -112,7 +114,8 @@ def _train(args, format_run) -> int:
     if fetched is not None:
         print(f"checkpoint {fetched.checkpoint} copied to {fetched.path} (sha256 checked)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0
 

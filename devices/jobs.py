@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecl.runtime.checkpoint import write_atomic
 from edgecl.runtime.data import Dataset, load_dataset
 from edgecl.runtime.job import LearnerSpec, build_learner
 from edgecl.runtime.loop import RunResult, run_scenario
@@ -186,12 +187,12 @@ def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -
     engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
     learner, plan, _ = build_learner(engine, scenario, spec, _ReportingLearner)
     learner.on_step = on_step
-    saved.write_text(json.dumps(mine))
+    write_atomic(saved, json.dumps(mine))
     extra = {"job": spec.to_dict(), "label": spec.strategy().label, "budget_plan": plan,
              "device": {"machine": platform.machine(), "python": platform.python_version()}}
     result = run_scenario(scenario, learner, spec.run_config(),
                           folder / "checkpoints", progress=False, extra_config=extra)
-    (folder / "result.json").write_text(json.dumps(result.to_dict()))
+    write_atomic(folder / "result.json", json.dumps(result.to_dict()))
     return result
 
 

@@ -303,18 +303,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_latest(root: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f"{TMP_PREFIX}{LATEST_NAME}-")
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write a whole file or nothing: a temporary file beside it, fsync, rename over, fsync the folder.
+
+    A reader (or a resumable matrix that treats the file as "done") never sees it half written,
+    even after a SIGKILL or a power cut."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(f"{name}\n".encode())
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, root / LATEST_NAME)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(root)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _replace_latest(root: Path, name: str) -> None:
+    write_atomic(root / LATEST_NAME, f"{name}\n")
 
 
 def _prune(root: Path, keep: int) -> None:

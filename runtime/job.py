@@ -63,6 +63,9 @@ class LearnerSpec:
         if self.buffer is None and self.budget is None and strategy.uses_buffer:
             raise ValueError(f"method {self.method!r} replays examples: give a buffer (examples, --buffer N) "
                              "or a memory budget (--budget BYTES)")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r}; accepted: an integer >= 1, or None (ONNX Runtime decides)")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r}; accepted: > 0")
         self.run_config()

@@ -39,6 +39,8 @@ class RunConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; accepted: an integer >= 1")
         if self.batch_size < 2:
             raise ValueError(f"batch_size={self.batch_size}; accepted: >= 2 (BatchNorm needs two samples)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r}; accepted: an integer >= 0")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every={self.checkpoint_every}; accepted: >= 0")
 

@@ -24,8 +24,9 @@ def out_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(out_dir):
-    path = out_dir / "plain.json"
-    proc = subprocess.run(RUN + ["--out", str(out_dir), "--json", str(path), "--plot", str(out_dir / "plot.png")],
+    path = out_dir / "new-folder" / "plain.json"  # --json and --plot create their folders
+    plot = out_dir / "plots" / "plot.png"
+    proc = subprocess.run(RUN + ["--out", str(out_dir), "--json", str(path), "--plot", str(plot)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(path.read_text())
@@ -40,7 +41,7 @@ def test_run_prints_table_and_writes_json_and_plot(uninterrupted, out_dir):
     assert np.array(result["acc_matrix"]).shape == (5, 5)
     assert result["train_flops"] < result["dense_train_flops"]
     assert result["peak_rss_bytes"] > 0
-    assert (out_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "plots" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_too_small_budget_is_refused_with_the_needed_bytes(out_dir):
@@ -51,6 +52,17 @@ def test_too_small_budget_is_refused_with_the_needed_bytes(out_dir):
     proc = subprocess.run(RUN + ["--out", str(out_dir), "--budget", "lots"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 2 and "lots" in proc.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--plot", "plot.txt", "suffix '.txt'; accepted: .eps"),
+    ("--json", ".", "is a folder; accepted: a file path"),
+])
+def test_bad_output_paths_are_refused_before_any_training(tmp_path, option, value, message):
+    proc = subprocess.run(RUN + ["--out", str(tmp_path / "out"), option, str(tmp_path / value)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before the export, let alone the run
 
 
 def test_resume_after_sigkill_gives_exactly_the_uninterrupted_metrics(uninterrupted, out_dir, tmp_path):

@@ -20,6 +20,10 @@ from edgecl.runtime.scenarios import digits_scenario
     ({"lr": -1.0}, "lr=-1.0; accepted: > 0"),
     ({"batch_size": 1}, "batch_size=1; accepted: >= 2"),
     ({"sparsity": 1.0}, "sparsity"),
+    ({"threads": 0}, "threads=0; accepted: an integer >= 1, or None"),
+    ({"threads": 1.5}, "threads=1.5; accepted: an integer >= 1, or None"),
+    ({"seed": -1}, "seed=-1; accepted: an integer >= 0"),
+    ({"seed": 0.5}, "seed=0.5; accepted: an integer >= 0"),
 ])
 def test_bad_specs_are_refused_with_the_value_and_what_is_accepted(fields, message):
     with pytest.raises(ValueError, match=message):
