@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, EdgeclError) as e:  # EdgeclError: e.g. no agent on a serial port
+    except (ValueError, RuntimeError, FileNotFoundError, EdgeclError) as e:  # EdgeclError: e.g. no agent on a port
         print(f"bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -53,15 +53,6 @@ class StrategyFlops:
     current_total: float | None = None  # the same run, weight-gradient over active, DGM-kept entries only
 
 
-def _runs(out_dir: Path) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {}
-    for path in sorted((out_dir / "runs").glob("*.json")):
-        runs.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(json.loads(path.read_text()))
-    if not runs:
-        raise FileNotFoundError(f"no run JSON under {str(out_dir / 'runs')!r}; run `bench run --out {out_dir}` first")
-    return runs
-
-
 def _layer_table(out_dir: Path) -> list[dict] | None:
     for manifest in sorted((out_dir / "artifacts").glob("*/manifest.json")):
         layers = json.loads(manifest.read_text()).get("extra", {}).get("layers")
@@ -109,10 +100,10 @@ def cl_flops_table(out_dir: str | Path = "results/fmnist", reference: str = "der
     Raises:
         FileNotFoundError: no run JSON in `out_dir/runs`.
     """
-    from edgecl.bench.matrix import STRATEGIES
+    from edgecl.bench.matrix import STRATEGIES, load_runs
 
     out_dir = Path(out_dir)
-    runs = _runs(out_dir)
+    runs = load_runs(out_dir)
     layers = _layer_table(out_dir)
     ref = float(np.mean([r["train_flops"] for r in runs[reference]])) if reference in runs else None
     order = [s for s in STRATEGIES if s in runs] + sorted(s for s in runs if s not in STRATEGIES)

@@ -96,19 +96,49 @@ def _check_same_setting(out_dir: Path, setting: dict) -> None:
     table of incomparable runs without a word.
     """
     for path in sorted((out_dir / "runs").glob("*.json")):
-        job = json.loads(path.read_text()).get("config", {}).get("job", {})
+        job = read_run(path).get("config", {}).get("job", {})
         theirs = {k: job.get(k) for k in setting}
         if theirs != setting:
             raise ValueError(f"{out_dir} holds runs of {theirs} ({path.name}); asked for {setting}; accepted: the "
                              "same setting, or another --out folder")
 
 
-def summarize(out_dir, reference: str = "derpp") -> list[dict]:
-    """Mean and standard deviation over seeds of each strategy's metrics, FLOPs relative to `reference`."""
+def read_run(path: Path) -> dict:
+    """One cell's JSON, as `edgecl run --json` wrote it.
+
+    Raises:
+        ValueError: not a run JSON (unreadable, truncated, or without its metrics); the file is named.
+    """
+    try:
+        run = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable run JSON ({e}); delete it and `bench run` runs that cell "
+                         "again") from e
+    missing = [k for k in ("acc", "train_flops", "config") if not isinstance(run, dict) or k not in run]
+    if missing:
+        raise ValueError(f"{path} is not a run JSON: no {', '.join(missing)}; accepted: what `edgecl run --json` "
+                         "writes")
+    return run
+
+
+def load_runs(out_dir) -> dict[str, list[dict]]:
+    """strategy -> its cells' JSONs (seed order) under `out_dir/runs`.
+
+    Raises:
+        FileNotFoundError: no run JSON there. ValueError: one is not a run JSON (named).
+    """
     runs: dict[str, list[dict]] = {}
     for path in sorted(Path(out_dir, "runs").glob("*.json")):
-        strategy = path.stem.rsplit("-seed", 1)[0]
-        runs.setdefault(strategy, []).append(json.loads(path.read_text()))
+        runs.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(read_run(path))
+    if not runs:
+        raise FileNotFoundError(f"no run JSON under {str(Path(out_dir, 'runs'))!r}; run `bench run --out {out_dir}` "
+                                "first")
+    return runs
+
+
+def summarize(out_dir, reference: str = "derpp") -> list[dict]:
+    """Mean and standard deviation over seeds of each strategy's metrics, FLOPs relative to `reference`."""
+    runs = load_runs(out_dir)
     ref_flops = np.mean([r["train_flops"] for r in runs.get(reference, [])]) if reference in runs else None
     rows = []
     for strategy in [s for s in STRATEGIES if s in runs]:

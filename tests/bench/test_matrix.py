@@ -54,3 +54,17 @@ def test_a_single_seed_row_says_so_instead_of_a_zero_spread():
     line = markdown_table([row]).splitlines()[-1]
     assert "80.00 (one seed)" in line and "±" not in line
     assert "80.00 ± 1.50" in markdown_table([{**row, "seeds": 2, "acc": (80.0, 1.5)}])
+
+
+def test_summary_of_an_empty_or_corrupt_folder_names_the_problem(tmp_path, capsys):
+    assert bench_cli.main(["summary", str(tmp_path / "nothing")]) == 2
+    assert "no run JSON under" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "derpp-seed1.json").write_text('{"acc_matrix": [[0.9')  # cut off mid-write
+    assert bench_cli.main(["summary", str(tmp_path)]) == 2
+    assert "derpp-seed1.json is not a readable run JSON" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="derpp-seed1.json is not a readable run JSON"):
+        run_matrix(["derpp"], [1], tmp_path, data="digits", epochs=1, buffer=50, progress=False)  # not "done"
+    (tmp_path / "runs" / "derpp-seed1.json").write_text('{"acc": 0.5}')
+    with pytest.raises(ValueError, match="derpp-seed1.json is not a run JSON: no train_flops, config"):
+        summarize(tmp_path)
