@@ -18,8 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
-import sys
 import textwrap
 from pathlib import Path
 
