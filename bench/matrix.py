@@ -31,6 +31,8 @@ STRATEGIES = {
     "sparcl-derpp-0.75-no-ddr": ["--method", "derpp", "--sparsity", "0.75", "--no-ddr"],
     "sparcl-derpp-0.75-torch": ["--method", "derpp", "--sparsity", "0.75", "--engine", "torch"],
     "sparcl-derpp-0.75-ulp": ["--method", "derpp", "--sparsity", "0.75", "--nudge-ulp"],  # the float32 floor
+    "derpp-torch": ["--method", "derpp", "--dense", "--engine", "torch"],  # the same, without SparCL's choices
+    "derpp-ulp": ["--method", "derpp", "--dense", "--nudge-ulp"],
 }
 
 
