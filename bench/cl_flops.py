@@ -94,7 +94,8 @@ def _split(run: dict, layers: list[dict]) -> tuple | None:
     return None
 
 
-def cl_flops_table(out_dir: str | Path = "results/fmnist", reference: str = "derpp") -> tuple[StrategyFlops, ...]:
+def cl_flops_table(out_dir: str | Path = "results/fmnist-s2-e10",
+                   reference: str = "derpp") -> tuple[StrategyFlops, ...]:
     """One row per strategy of a `bench run` folder (means over seeds), in the matrix's order.
 
     Raises:

@@ -48,7 +48,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_devices)
 
     p = sub.add_parser("report", help="a Markdown report with PNG plots from saved results")
-    p.add_argument("--runs", help="a `bench run` folder (its runs/*.json); default results/fmnist when no "
+    p.add_argument("--runs", help="a `bench run` folder (its runs/*.json); default results/fmnist-s2-e10 when no "
                    "--latency / --memory file is given")
     p.add_argument("--latency", action="append", default=[], help="`bench latency --json` output (repeatable)")
     p.add_argument("--memory", action="append", default=[], help="`bench memory --json` output (repeatable)")
@@ -117,7 +117,7 @@ def _devices(args) -> int:
 def _report(args) -> int:
     from edgecl.bench.report import write_report
 
-    runs = args.runs or (None if args.latency or args.memory else "results/fmnist")
+    runs = args.runs or (None if args.latency or args.memory else "results/fmnist-s2-e10")
     result = write_report(args.out, runs=runs, latency=args.latency, memory=args.memory)
     print(json.dumps(result.to_dict(), indent=2) if args.json else f"wrote {result.markdown}\n" + "\n".join(
         f"wrote {p}" for p in result.plots))
