@@ -74,9 +74,9 @@ def _matrix(args) -> int:
 def _drift(args) -> int:
     import json
 
-    from edgecl.bench.cl_run import DATA_DEFAULTS, JobConfig, prepare_output
+    from edgecl.bench.cl_run import DATA_DEFAULTS, JobConfig
     from edgecl.bench.drift import format_table, measure_drift
-    from edgecl.runtime.checkpoint import write_atomic
+    from edgecl.runtime.files import prepare_output, write_atomic
 
     defaults = DATA_DEFAULTS[args.data]
     job = JobConfig(data=args.data, model=args.model, engine=args.engine_a, method=args.method,
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError, EdgeclError) as e:  # EdgeclError: e.g. no agent on a port
+    except (ValueError, RuntimeError, FileNotFoundError, PermissionError, EdgeclError) as e:  # EdgeclError: e.g. no agent on a port
         print(f"bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

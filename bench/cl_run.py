@@ -142,29 +142,11 @@ def format_result(result: RunResult) -> str:
     return "\n".join(lines)
 
 
-def prepare_output(path, suffixes=None) -> Path:
-    """Check an output file's suffix (if `suffixes` are given) and create its folder, before any long work.
-
-    Raises:
-        ValueError: a suffix not in `suffixes`, or a folder that cannot be created (both named).
-    """
-    path = Path(path)
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise ValueError(f"output {str(path)!r}: suffix {path.suffix or '(none)'!r}; accepted: {', '.join(suffixes)}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"output {str(path)!r}: cannot create its folder ({e.strerror})") from e
-    if path.is_dir():
-        raise ValueError(f"output {str(path)!r} is a folder; accepted: a file path")
-    return path
-
-
 def plot_formats() -> tuple[str, ...]:
-    """The file suffixes `plot_result` can write (what matplotlib's Agg canvas saves)."""
+    """The file suffixes `plot_result` can write: what matplotlib's Agg canvas saves, less PGF (needs LaTeX)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    return tuple(f".{ext}" for ext in FigureCanvasAgg.get_supported_filetypes())
+    return tuple(f".{ext}" for ext in FigureCanvasAgg.get_supported_filetypes() if ext != "pgf")
 
 
 def plot_result(result: RunResult, path) -> Path:

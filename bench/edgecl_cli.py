@@ -37,8 +37,8 @@ def _train(args) -> int:
 
 
 def _run(args) -> int:
-    from edgecl.bench.cl_run import JobConfig, format_result, plot_formats, plot_result, prepare_output, run_job
-    from edgecl.runtime.checkpoint import write_atomic
+    from edgecl.bench.cl_run import JobConfig, format_result, plot_formats, plot_result, run_job
+    from edgecl.runtime.files import prepare_output, write_atomic
     from edgecl.runtime.budget import parse_bytes
 
     from edgecl.bench.cl_run import DATA_DEFAULTS
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, PermissionError) as e:
         print(f"edgecl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -36,6 +36,11 @@ STRATEGIES = {
 }
 
 
+# what summaries, FLOPs tables and reports read from each cell's JSON
+RUN_KEYS = ("acc_matrix", "acc", "task_il_acc", "forgetting", "bwt", "train_flops", "dense_train_flops",
+            "peak_rss_bytes", "wall_s", "config")
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     strategy: str
@@ -116,10 +121,12 @@ def read_run(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a readable run JSON ({e}); delete it and `bench run` runs that cell "
                          "again") from e
-    missing = [k for k in ("acc", "train_flops", "config") if not isinstance(run, dict) or k not in run]
+    missing = [k for k in RUN_KEYS if not isinstance(run, dict) or k not in run]
     if missing:
         raise ValueError(f"{path} is not a run JSON: no {', '.join(missing)}; accepted: what `edgecl run --json` "
                          "writes")
+    if not isinstance(run["config"], dict):
+        raise ValueError(f"{path} is not a run JSON: its config is {type(run['config']).__name__}, not an object")
     return run
 
 

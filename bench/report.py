@@ -67,11 +67,9 @@ def read_rows(path: str | Path, kind: str) -> list[dict]:
 
 
 def _run_groups(runs_dir: Path) -> dict[str, list[dict]]:
-    from edgecl.bench.matrix import STRATEGIES
+    from edgecl.bench.matrix import STRATEGIES, load_runs
 
-    groups: dict[str, list[dict]] = {}
-    for path in sorted((runs_dir / "runs").glob("*.json")):
-        groups.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(json.loads(path.read_text()))
+    groups = load_runs(runs_dir)  # names a truncated or foreign JSON; no JSON at all is FileNotFoundError
     return {s: groups[s] for s in [*[s for s in STRATEGIES if s in groups], *sorted(set(groups) - set(STRATEGIES))]}
 
 
@@ -90,7 +88,7 @@ def _plot_acc_vs_flops(plt, groups, path: Path) -> None:
         flops = np.mean([r["train_flops"] for r in runs]) / 1e12
         marker = "o" if sparsity == 0 else "s" if sparsity < 0.8 else "^"
         ax.errorbar(flops, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, fmt=marker, capsize=3,
-                    color=plt.cm.tab20(k % 20), label=f"{_label(runs, strategy)} (sparsity {sparsity:g})")
+                    color=plt.cm.tab20(2 * k % 20 + k // 10 % 2), label=f"{_label(runs, strategy)} (sparsity {sparsity:g})")
     ax.set_xscale("log")  # the strategies differ by ratios ("5x fewer"), and a log axis shows them evenly
     ax.set_xlabel("training TFLOPs (whole run, SparCL counting; log scale)")
     ax.set_ylabel("class-IL accuracy (%)")
@@ -179,8 +177,6 @@ def _runs_section(plt, runs_dir: Path, out: Path, plots: list) -> list[str]:
     from edgecl.bench.matrix import markdown_table, summarize
 
     groups = _run_groups(runs_dir)
-    if not groups:
-        raise FileNotFoundError(f"no run JSON under {str(runs_dir / 'runs')!r}")
     _plot_acc_vs_flops(plt, groups, out / "acc_vs_flops.png")
     _plot_acc_matrices(plt, groups, out / "acc_matrices.png")
     plots += [out / "acc_vs_flops.png", out / "acc_matrices.png"]

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgecl.runtime.checkpoint import write_atomic
+from edgecl.runtime.files import prepare_output, write_atomic
 
 DATA_HELP = ("digits (loaded on the host, pushed once as digits-s<seed>), npz:PATH (a host .npz with x, y; pushed), "
              "board:SPEC (a data set on the board, e.g. board:npz:/data/x.npz), or the name of pushed data")
@@ -89,6 +89,8 @@ def _push(args) -> int:
 def _train(args, format_run) -> int:
     from .jobs import TrainSpec
 
+    if args.json:
+        prepare_output(args.json)  # before the board trains, not after
     with _connect(args) as board:
         artifact = _artifact(board, args.artifact)
         data = _data_spec(board, args)
@@ -114,7 +116,6 @@ def _train(args, format_run) -> int:
     if fetched is not None:
         print(f"checkpoint {fetched.checkpoint} copied to {fetched.path} (sha256 checked)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0

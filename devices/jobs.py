@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.runtime.checkpoint import write_atomic
 from edgecl.runtime.data import Dataset, load_dataset
+from edgecl.runtime.files import write_atomic
 from edgecl.runtime.job import LearnerSpec, build_learner
 from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.metrics import class_il_accuracy, task_il_accuracy

@@ -57,24 +57,30 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def source_fingerprint(folder: Path, versions: dict[str, str]) -> str:
-    """12 hex digits of a sha256 over the `*.py` files of `folder` (names and bytes) and `versions`."""
+def source_fingerprint(folders, versions: dict[str, str]) -> str:
+    """12 hex digits of a sha256 over the `*.py` files under `folders` (paths and bytes) and `versions`."""
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for k, folder in enumerate(Path(f) for f in folders):
+        for path in sorted(folder.rglob("*.py")):
+            name = f"{k}/{path.relative_to(folder).as_posix()}"
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(json.dumps(versions, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 
 @functools.cache
 def exporter_fingerprint() -> str:
-    """What decides the graphs besides the model: this package's source and the host's package versions.
+    """What decides the graphs besides the model: the source of this package and of `edgecl.runtime`
+    (the manifest format, the optimizer defaults the ort-training graphs bake in), and the host's
+    package versions.
 
     Recorded in every manifest (`versions["edgecl.exporters"]`). Two exports of the same model,
     input and initial weights are the same artifacts only when it matches, so an export cache
     keyed on it (`bench run`) never serves the graphs of an older exporter.
     """
-    return source_fingerprint(Path(__file__).parent, _versions())
+    from edgecl.runtime import manifest
+
+    return source_fingerprint([Path(__file__).parent, Path(manifest.__file__).parent], _versions())
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
@@ -151,9 +157,8 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
         names = sorted(set(files) | {"model.onnx", "init_state.npz"})
         manifest = Manifest(engine=engine, input_shape=tuple(example_input.shape[1:]), num_classes=num_classes,
                             parameters=params, buffers=buffers, files=file_entries(tmp, names), opset=opset,
-                            ir_version=IR_VERSION,
-                            versions={**_versions(), "edgecl.exporters": exporter_fingerprint()}, model_name=type(model).__name__,
-                            extra=extra)
+                            ir_version=IR_VERSION, versions={**_versions(), "edgecl.exporters": exporter_fingerprint()},
+                            model_name=type(model).__name__, extra=extra)
         manifest.write(tmp)
         load_manifest(tmp)  # round-trip check before the folder goes live
         if out_dir.exists():

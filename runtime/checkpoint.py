@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError
+from .files import TMP_PREFIX, fsync_dir, write_atomic
 from .manifest import sha256_file
 
 FORMAT_VERSION = 1
 LATEST_NAME = "LATEST"
 META_NAME = "meta.json"
 CKPT_PREFIX = "ckpt-"
-TMP_PREFIX = ".tmp-"  # half-written checkpoints, pointer files and folders being deleted
 _CKPT_RE = re.compile(r"ckpt-(\d{9})")
 _PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
@@ -100,12 +100,12 @@ def save_checkpoint(root: str | Path, parts: dict[str, dict[str, np.ndarray]], m
             files[file_name] = {"sha256": sha256_file(tmp / file_name), "bytes": (tmp / file_name).stat().st_size}
         record = {"format_version": FORMAT_VERSION, "meta": meta, "files": files}
         _write_synced(tmp / META_NAME, json.dumps(record, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     _replace_latest(root, name)
     _prune(root, keep)
     return root / name
@@ -290,37 +290,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new file is durable only once its folder's entry is on disk (POSIX).
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write a whole file or nothing: a temporary file beside it, fsync, rename over, fsync the folder.
-
-    A reader (or a resumable matrix that treats the file as "done") never sees it half written,
-    even after a SIGKILL or a power cut."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _replace_latest(root: Path, name: str) -> None:

@@ -66,5 +66,7 @@ def test_summary_of_an_empty_or_corrupt_folder_names_the_problem(tmp_path, capsy
     with pytest.raises(ValueError, match="derpp-seed1.json is not a readable run JSON"):
         run_matrix(["derpp"], [1], tmp_path, data="digits", epochs=1, buffer=50, progress=False)  # not "done"
     (tmp_path / "runs" / "derpp-seed1.json").write_text('{"acc": 0.5}')
-    with pytest.raises(ValueError, match="derpp-seed1.json is not a run JSON: no train_flops, config"):
+    with pytest.raises(ValueError, match="derpp-seed1.json is not a run JSON: no acc_matrix, task_il_acc"):
         summarize(tmp_path)
+    assert bench_cli.main(["report", "--runs", str(tmp_path), "--out", str(tmp_path / "report")]) == 2
+    assert "derpp-seed1.json is not a run JSON" in capsys.readouterr().err

@@ -12,18 +12,35 @@ from tests.helpers import FAMILIES
 def test_fingerprint_follows_every_source_byte_and_version(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").write_text("y = 2\n")
-    base = source_fingerprint(tmp_path, {"torch": "2.13.0"})
-    assert base == source_fingerprint(tmp_path, {"torch": "2.13.0"})
-    assert source_fingerprint(tmp_path, {"torch": "2.14.0"}) != base
+    base = source_fingerprint([tmp_path], {"torch": "2.13.0"})
+    assert base == source_fingerprint([tmp_path], {"torch": "2.13.0"})
+    assert source_fingerprint([tmp_path], {"torch": "2.14.0"}) != base
     (tmp_path / "notes.txt").write_text("not source")
-    assert source_fingerprint(tmp_path, {"torch": "2.13.0"}) == base
+    assert source_fingerprint([tmp_path], {"torch": "2.13.0"}) == base
     # a byte moved from one file's end to the next file's start is still a different source
     (tmp_path / "a.py").write_text("x = 1\ny")
     (tmp_path / "b.py").write_text(" = 2\n")
-    assert source_fingerprint(tmp_path, {"torch": "2.13.0"}) != base
+    assert source_fingerprint([tmp_path], {"torch": "2.13.0"}) != base
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").write_text("y = 3\n")
-    assert source_fingerprint(tmp_path, {"torch": "2.13.0"}) != base
+    assert source_fingerprint([tmp_path], {"torch": "2.13.0"}) != base
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert source_fingerprint([tmp_path], {"torch": "2.13.0"}) == base
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.py").write_text("z = 0\n")  # subpackages count
+    assert source_fingerprint([tmp_path], {"torch": "2.13.0"}) != base
+
+
+def test_fingerprint_covers_the_runtime_the_exporters_build_on():
+    from pathlib import Path
+
+    from edgecl.runtime import optim
+
+    export_module = importlib.import_module("edgecl.exporters.export")  # the package's `export` is the function
+
+    folders = [Path(export_module.__file__).parent, Path(optim.__file__).parent]
+    assert exporter_fingerprint() == source_fingerprint(folders, export_module._versions())
+    assert exporter_fingerprint() != source_fingerprint(folders[:1], export_module._versions())
 
 
 def test_manifest_records_the_fingerprint(exported):

@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from edgecl.runtime import checkpoint as ckpt_mod
 from edgecl.runtime.checkpoint import (
-    Checkpoint, load_checkpoint, rng_from_state_array, rng_state_array, save_checkpoint, write_atomic,
+    Checkpoint, load_checkpoint, rng_from_state_array, rng_state_array, save_checkpoint,
 )
 from edgecl.runtime.errors import ArtifactError
 
@@ -332,22 +332,6 @@ def test_latest_pointing_to_an_older_one_is_never_pruned(three):
 
 
 # --- bad input ---------------------------------------------------------------------------------
-
-
-def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
-    path = tmp_path / "result.json"
-    write_atomic(path, '{"acc": 1}')
-    write_atomic(path, b'{"acc": 2}')
-    assert path.read_text() == '{"acc": 2}'
-
-    def crash(*_):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        write_atomic(path, '{"acc": 3}')
-    assert path.read_text() == '{"acc": 2}'
-    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("parts, meta, keep, match", [
