@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError, PermissionError, EdgeclError) as e:  # EdgeclError: e.g. no agent on a port
+    # EdgeclError: e.g. no agent on a serial port; FileNotFoundError: e.g. no run JSON in a folder
+    except (ValueError, RuntimeError, FileNotFoundError, PermissionError, EdgeclError) as e:
         print(f"bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -38,8 +38,8 @@ def _train(args) -> int:
 
 def _run(args) -> int:
     from edgecl.bench.cl_run import JobConfig, format_result, plot_formats, plot_result, run_job
-    from edgecl.runtime.files import prepare_output, write_atomic
     from edgecl.runtime.budget import parse_bytes
+    from edgecl.runtime.files import prepare_output, write_atomic
 
     from edgecl.bench.cl_run import DATA_DEFAULTS
 
