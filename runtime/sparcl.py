@@ -393,6 +393,7 @@ class DGM:
         self.density, self.every = float(density), int(every)
         self.names = None if names is None else frozenset(names)
         self.masks: dict[str, np.ndarray] = {}
+        self.recomputed = False  # whether the last `apply` computed any mask (FLOPs follow the masks)
 
     def reset(self) -> None:
         """Drop the stored masks: the next `apply` recomputes them."""
@@ -410,11 +411,13 @@ class DGM:
             ValueError: a stored mask's shape differs from the gradient's (call `reset`).
         """
         recompute = step % self.every == 0
+        self.recomputed = False
         out = {}
         for name, g in grads.items():
             if self.names is None or name in self.names:
                 if recompute or name not in self.masks:
                     self.masks[name] = gradient_topk_mask(g, self.density)
+                    self.recomputed = True
                 if self.masks[name].shape != np.shape(g):
                     raise ValueError(f"gradient {name!r} has shape {np.shape(g)}, its stored mask "
                                      f"{self.masks[name].shape}; call reset()")

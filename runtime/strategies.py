@@ -217,7 +217,7 @@ class Learner:
             self.last_grads = {name: grads[name] for name in self.sparse_names}
         if self.dgm is not None:
             grads = self.dgm.apply(self.step, grads)
-            if self.step % self.dgm.every == 0:
+            if self.dgm.recomputed:  # every `every` steps, and at a task's first step (masks reset)
                 self._refresh_flops()  # new gradient masks: new weight-gradient densities
         self.engine.apply_gradients(grads)
         if self.tracker is not None:

@@ -57,3 +57,23 @@ def test_without_dgm_weight_gradient_work_follows_the_weight_mask(exported):
     by_name = {r.weight: r for r in rows}
     for n in learner.sparse_names:  # forward, input-grad and weight-grad all at the weight density
         assert by_name[n].weight_grad == pytest.approx(by_name[n].forward)
+
+
+def test_per_sample_flops_always_follow_the_current_masks_across_a_task_boundary(exported):
+    """At a task's first step DGM recomputes its (reset) masks off the 30-step grid: the count must
+    follow then too, or a run resumed from a checkpoint in that window counts differently (found
+    by the SIGKILL test of `edgecl run`)."""
+    _, folder = exported("cnn")
+    engine = open_engine(folder, OptimizerConfig("sgd", lr=0.05), threads=1)
+    config = StrategyConfig("finetune", sparcl=SparCLConfig(sparsity=0.75, ddr=False))
+    learner = Learner(engine, config, None, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    for task, n_steps in ((0, 7), (1, 5)):  # task 1 starts at step 7: not a multiple of 30
+        learner.begin_task(task, 64)
+        learner.begin_epoch(0, 10)
+        for _ in range(n_steps):
+            x = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)
+            learner.observe(x, rng.integers(0, 10, 16), rng.integers(0, 64, 16))
+            counted = learner._flops_per_sample
+            learner._refresh_flops()  # what a learner restored from a checkpoint here would count
+            assert counted == learner._flops_per_sample, (task, learner.step)
