@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from edgecl.bench import bench_cli
-from edgecl.bench.cl_run import JobConfig
-from edgecl.bench.cl_run import nudge_one_ulp
+from edgecl.bench.cl_run import JobConfig, nudge_one_ulp
 from edgecl.bench.drift import measure_drift
 from edgecl.runtime.open import open_engine
 
