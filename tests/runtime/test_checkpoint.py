@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from edgecl.runtime import checkpoint as ckpt_mod
 from edgecl.runtime.checkpoint import (
     Checkpoint, load_checkpoint, rng_from_state_array, rng_state_array, save_checkpoint,
 )
-from edgecl.runtime.errors import ArtifactError
+from edgecl.runtime.errors import ArtifactError, CheckpointFormatError, FolderBusyError
 
 
 def parts_for(step: int) -> dict:
@@ -125,7 +126,7 @@ def test_keep_two_keeps_the_newest_two(tmp_path):
         assert len(ckpt_dirs(tmp_path)) == min(step, 2)
     assert ckpt_dirs(tmp_path) == ["ckpt-000000004", "ckpt-000000005"] and path.name == "ckpt-000000005"
     assert_is_step(load_checkpoint(tmp_path), 5)
-    assert sorted(os.listdir(tmp_path)) == ["LATEST", "ckpt-000000004", "ckpt-000000005"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "LATEST", "ckpt-000000004", "ckpt-000000005"]
 
 
 def test_keep_one_deletes_the_old_one_only_after_the_new_one_is_in_place(tmp_path):
@@ -217,15 +218,112 @@ def test_unreadable_meta_json_raises(three, content):
         load_checkpoint(root)
 
 
+def rewrite_meta(folder: Path, record: dict) -> None:
+    """Write meta.json and a digest that matches it: an edit the digest cannot catch."""
+    data = json.dumps(record).encode()
+    (folder / "meta.json").write_bytes(data)
+    (folder / "meta.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  meta.json\n")
+
+
 def test_part_with_matching_sha_but_not_an_npz_raises(tmp_path):
     path = save_checkpoint(tmp_path, parts_for(1), {"step": 1})
     (path / "loop.npz").write_bytes(b"not a zip file at all")
     record = json.loads((path / "meta.json").read_text())
     record["files"]["loop.npz"] = {"sha256": ckpt_mod.sha256_file(path / "loop.npz"),
                                    "bytes": (path / "loop.npz").stat().st_size}
-    (path / "meta.json").write_text(json.dumps(record))
+    rewrite_meta(path, record)
     with pytest.raises(ArtifactError, match=r"loop\.npz is not a readable npz"):
         load_checkpoint(tmp_path)
+
+
+# --- meta.json's own digest ---------------------------------------------------------------------
+
+
+def test_meta_sha256_holds_the_digest_of_meta_json_as_sha256sum_writes_it(tmp_path):
+    path = save_checkpoint(tmp_path, parts_for(5), {"step": 5})
+    digest = hashlib.sha256((path / "meta.json").read_bytes()).hexdigest()
+    assert (path / "meta.sha256").read_text() == f"{digest}  meta.json\n"
+    assert json.loads((path / "meta.json").read_text())["format_version"] == 2
+
+
+def _edit_step(text: str) -> str:  # as "epoch" 5 -> 15 in issue 11: a valid JSON, another number
+    return text.replace('"step": 3', '"step": 13')
+
+
+def _flip_key(text: str) -> str:  # one flipped bit in a key: still valid JSON
+    return text.replace('"meta"', '"mfta"')
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_edit_step, r"ckpt-000000003/meta\.json has sha256 [0-9a-f]{64}, expected [0-9a-f]{64} \(altered\)"),
+    (_flip_key, r"ckpt-000000003/meta\.json has sha256 .* \(altered\)"),
+])
+def test_an_edited_meta_json_is_caught_by_its_digest_and_falls_back(three, edit, match):
+    root, paths = three
+    meta = paths[-1] / "meta.json"
+    assert edit(meta.read_text()) != meta.read_text()
+    meta.write_text(edit(meta.read_text()))
+    with pytest.raises(ArtifactError, match=match):
+        load_checkpoint(root)
+    with pytest.warns(RuntimeWarning, match=match + r"; falling back to .*ckpt-000000002"):
+        assert_is_step(load_checkpoint(root, fallback=True), 2)
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, r"meta\.sha256 is missing"),
+    (b"", r"meta\.sha256 is garbled; accepted: '<64 hex digits>  meta\.json'"),
+    (b"0" * 64 + b"  meta.json\n", r"meta\.json has sha256 .* expected 0{64}"),
+    (b"0" * 63 + b"  meta.json\n", r"meta\.sha256 is garbled"),
+])
+def test_a_missing_or_garbled_meta_digest_falls_back(three, content, match):
+    root, paths = three
+    digest = paths[-1] / "meta.sha256"
+    digest.unlink() if content is None else digest.write_bytes(content)
+    with pytest.raises(ArtifactError, match=match):
+        load_checkpoint(root)
+    with pytest.warns(RuntimeWarning, match=match):
+        assert_is_step(load_checkpoint(root, fallback=True), 2)
+
+
+def test_a_checkpoint_of_format_version_1_is_refused_naming_what_to_do(three):
+    """As an edgecl before meta.sha256 wrote them: refused, with no fallback (the older ones are as old)."""
+    root, paths = three
+    for path in paths:
+        record = json.loads((path / "meta.json").read_text())
+        (path / "meta.json").write_text(json.dumps({**record, "format_version": 1}))
+        (path / "meta.sha256").unlink()
+    for fallback in (False, True):
+        with pytest.raises(CheckpointFormatError, match=r"ckpt-000000003 was written by an earlier edgecl "
+                           r"\(checkpoint format_version 1.*accepted: format_version 2: finish that run with the "
+                           r"edgecl that started it, or start it again in a new or empty folder"):
+            load_checkpoint(root, fallback=fallback)
+
+
+def test_another_format_version_with_a_good_digest_is_refused(three):
+    root, paths = three
+    record = json.loads((paths[-1] / "meta.json").read_text())
+    rewrite_meta(paths[-1], {**record, "format_version": 3})
+    with pytest.raises(CheckpointFormatError, match="format_version 3; accepted: 2"):
+        load_checkpoint(root, fallback=True)
+
+
+def test_check_refusing_a_checkpoint_falls_back_and_other_errors_propagate(three):
+    root, _ = three
+
+    def no_step_3(ckpt):
+        if ckpt.meta["step"] == 3:
+            raise ArtifactError("step 3 is not a position of this run")
+
+    with pytest.raises(ArtifactError, match="step 3 is not"):
+        load_checkpoint(root, check=no_step_3)
+    with pytest.warns(RuntimeWarning, match="step 3 is not a position of this run; falling back to .*ckpt-000000002"):
+        assert_is_step(load_checkpoint(root, fallback=True, check=no_step_3), 2)
+
+    def mismatch(ckpt):
+        raise ValueError("other settings")
+
+    with pytest.raises(ValueError, match="other settings"):
+        load_checkpoint(root, fallback=True, check=mismatch)
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage\n", b"ckpt-12\n", b"\x00\xff", b"ckpt-000000099\n"])
@@ -278,15 +376,29 @@ def test_latest_naming_a_missing_folder_with_no_folders_raises(tmp_path):
 
 def test_stale_temp_dir_from_a_crash_is_ignored_then_cleaned(three):
     root, _ = three
-    stale = root / ".tmp-ckpt-000000004-abc123"
+    stale = root / ".tmp-ckpt-000000004-abc1_x9z"  # the names tempfile.mkdtemp and write_atomic give
     stale.mkdir()
     (stale / "engine.npz").write_bytes(b"half written")
-    (root / ".tmp-LATEST-xyz").write_bytes(b"ckpt-0000")
+    (root / ".tmp-LATEST-0a1b2c3d").write_bytes(b"ckpt-0000")
     doomed = root / ".tmp-del-ckpt-000000000"
     doomed.mkdir()
     assert_is_step(load_checkpoint(root), 3)
     save_checkpoint(root, parts_for(4), {"step": 4}, keep=2)
-    assert sorted(os.listdir(root)) == ["LATEST", "ckpt-000000003", "ckpt-000000004"]
+    assert sorted(os.listdir(root)) == [".lock", "LATEST", "ckpt-000000003", "ckpt-000000004"]
+
+
+def test_a_users_own_tmp_files_survive_saves(tmp_path):
+    """Issue 11: a user's `.tmp-*` file in a --checkpoint folder was deleted by the next save."""
+    mine = [".tmp-mine.txt", ".tmp-notes", ".tmp-ckpt-draft", ".tmp-LATEST-old", ".tmp-del-ckpt-1", ".tmp-"]
+    for name in mine:
+        (tmp_path / name).write_text("mine")
+    (tmp_path / ".tmp-dir").mkdir()
+    (tmp_path / ".tmp-dir" / "thesis.txt").write_text("mine")
+    for step in range(1, 4):
+        save_checkpoint(tmp_path, parts_for(step), {"step": step}, keep=1)
+    assert all((tmp_path / name).read_text() == "mine" for name in mine)
+    assert (tmp_path / ".tmp-dir" / "thesis.txt").read_text() == "mine"
+    assert_is_step(load_checkpoint(tmp_path), 3)
 
 
 def test_only_a_stale_temp_dir_counts_as_no_checkpoint(tmp_path):
@@ -329,6 +441,60 @@ def test_latest_pointing_to_an_older_one_is_never_pruned(three):
     # A save moves LATEST on; retention then removes ckpt-1, but never while LATEST names it.
     ckpt_mod._prune(root, keep=1)
     assert ckpt_dirs(root) == ["ckpt-000000001", "ckpt-000000003"]
+
+
+# --- one writer per folder ---------------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from edgecl.runtime.checkpoint import CheckpointWriter
+    with CheckpointWriter(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+""")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_second_writer_is_refused_naming_the_folder_while_the_first_holds_it(three):
+    """Issue 11: two runs on one folder pruned each other's `.tmp-` folders; the second must be refused."""
+    root, _ = three
+    before = sorted(os.listdir(root))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = rf"checkpoint folder '{root}' is in use: another process writes into it .*fuser"
+        with pytest.raises(FolderBusyError, match=busy):
+            save_checkpoint(root, parts_for(4), {"step": 4})
+        with pytest.raises(FolderBusyError, match=busy):
+            ckpt_mod.CheckpointWriter(root)
+        assert sorted(os.listdir(root)) == before
+        assert_is_step(load_checkpoint(root), 3)  # reading takes no lock
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert holder.returncode == 0
+    assert save_checkpoint(root, parts_for(4), {"step": 4}).name == "ckpt-000000004"  # released with the process
+
+
+def test_a_writer_holds_the_folder_until_closed(tmp_path):
+    with ckpt_mod.CheckpointWriter(tmp_path) as writer:
+        writer.save(parts_for(1), {"step": 1})
+        with pytest.raises(FolderBusyError):
+            save_checkpoint(tmp_path, parts_for(2), {"step": 2})
+        writer.save(parts_for(2), {"step": 2})
+    assert_is_step(load_checkpoint(tmp_path), 2)
+    with pytest.raises(ValueError, match="is closed"):
+        writer.save(parts_for(3), {"step": 3})
+    save_checkpoint(tmp_path, parts_for(3), {"step": 3})
+
+
+def test_a_file_as_root_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ValueError, match=r"checkpoint folder '.*f' is a file; accepted: a folder"):
+        save_checkpoint(tmp_path / "f", parts_for(1), {"step": 1})
+    with pytest.raises(ValueError, match=r"checkpoint folder '.*f/sub' cannot be created"):
+        save_checkpoint(tmp_path / "f" / "sub", parts_for(1), {"step": 1})
+    assert (tmp_path / "f").read_text() == "mine"
 
 
 # --- bad input ---------------------------------------------------------------------------------
