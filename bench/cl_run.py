@@ -18,6 +18,7 @@ import numpy as np
 from edgecl.runtime.data import load_digits, load_fashion_mnist
 from edgecl.runtime.job import LearnerSpec, build_learner
 from edgecl.runtime.loop import RunResult, run_scenario
+from edgecl.runtime.resume import check_resume
 from edgecl.runtime.scenarios import (Scenario, digits_scenario, fashion_mnist_scenario, permuted_scenario,
                                       train_test_split)
 
@@ -97,10 +98,15 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
 
     Returns:
         (RunResult, the plan as a dict, the MemoryPlan or None when no budget was given).
+    Raises:
+        ConfigMismatchError: `checkpoint_dir` holds a checkpoint of another job (each differing
+            field named), found before any data is loaded or anything exported.
     """
     from edgecl.exporters.reference import TorchEngine
     from edgecl.runtime import open_engine
 
+    if checkpoint_dir is not None:
+        check_resume(checkpoint_dir, dataclasses.asdict(job))
     out_dir = Path(out_dir)
     scenario = load_scenario(job.data, job.seed, job.scenario)
     model, folder = _export_cached(job, scenario, out_dir)
@@ -127,8 +133,9 @@ def format_result(result: RunResult) -> str:
     kind = "domain-IL" if domain else "class-IL"
     lines = [f"accuracy after each task ({kind}, %), {result.config.get('label', '')}",
              "after  " + "".join(f"  task{i + 1:<2}" for i in range(t))]
-    for i in range(t):
-        lines.append(f"task{i + 1:<3}" + "".join(f"{100 * v:>8.1f}" for v in r[i]))
+    for i in range(t):  # after task i, tasks j > i are not trained yet: "-" (their accuracy stays in the JSON)
+        lines.append(f"task{i + 1:<3}" + "".join(f"{100 * v:>8.1f}" if j <= i and np.isfinite(v) else f"{'-':>8}"
+                                                 for j, v in enumerate(r[i])))
     ratio = result.dense_train_flops / result.train_flops if result.train_flops else float("nan")
     lines += ["",
               f"ACC ({kind})    {100 * result.acc:6.2f} %" + ("" if domain else

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from pathlib import Path
 
 from edgecl.bench.fresh_process import MODEL_NAMES
 
@@ -55,6 +57,9 @@ def _run(args) -> int:
     if args.budget is not None:
         parse_bytes(args.budget)  # fail before exporting anything
     # and before training: a bad output path found after a long run would lose the run
+    _check_folder("--out", args.out)
+    if args.checkpoint is not None:
+        _check_folder("--checkpoint", args.checkpoint)
     if args.json:
         prepare_output(args.json)
     if args.plot:
@@ -71,6 +76,17 @@ def _run(args) -> int:
     if args.plot:
         print(f"wrote {plot_result(result, args.plot)}")
     return 0
+
+
+def _check_folder(flag: str, path: str) -> None:
+    """Refuse, before any work, a folder argument that is a file or that cannot be created or written."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {path!r} is a file; accepted: a folder (created if missing)")
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r}: {str(nearest)!r} is not a folder you can write; accepted: a folder you "
+                         "can write, or a path where one can be created")
 
 
 def build_parser() -> argparse.ArgumentParser:

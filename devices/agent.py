@@ -8,7 +8,7 @@ kept only once every file's sha256 checks), TRAIN (PROGRESS frames, then the run
 EVAL, BENCH (step latency measured on the board, or with what=fresh-process the peak memory and
 cold start of a fresh runtime-only training process), FETCH (the run's latest checkpoint).
 
-Workdir layout: artifacts/<name>/, data/<name>/split.npz, runs/<run>/{spec.json, result.json,
+Workdir layout: artifacts/<name>/, data/<name>/split.npz, runs/<run>/{result.json,
 checkpoints/}, .incoming/ (transfers in progress; cleared at start). Needs numpy, onnxruntime
 and pyserial only (tqdm through the loop); never torch.
 """

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from edgecl.runtime.data import Dataset, load_dataset
+from edgecl.runtime.errors import CheckpointFormatError, ConfigMismatchError
 from edgecl.runtime.files import write_atomic
 from edgecl.runtime.job import LearnerSpec, build_learner
 from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.metrics import class_il_accuracy, task_il_accuracy
 from edgecl.runtime.optim import OptimizerConfig
+from edgecl.runtime.resume import check_resume
 from edgecl.runtime.scenarios import Scenario, permuted_scenario, split_scenario, train_test_split
 from edgecl.runtime.strategies import Learner
 
@@ -168,30 +170,36 @@ def run_dir(workdir: Path, run: str) -> Path:
 def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -> RunResult:
     """Train on the board; resume from workdir/runs/<run>/checkpoints if the same spec ran before.
 
+    The checkpoints record the spec (as `edgecl run`'s do its JobConfig, `edgecl.runtime.resume`):
+    a train of the run id under another spec is refused before data or artifacts are loaded.
+
     Raises:
-        FileNotFoundError: artifact or data not on the board. ValueError: the run id exists with
-            another spec (pass restart=True to start over), or a bad spec / budget.
+        FileNotFoundError: artifact or data not on the board. ConfigMismatchError (a ValueError):
+            the run id has checkpoints of another spec, naming each field that differs (pass
+            restart=True to start over). CheckpointFormatError: checkpoints of an earlier edgecl
+            (restart). ValueError: a bad spec or budget.
     """
     import shutil
 
     folder = run_dir(workdir, spec.run)
-    saved = folder / "spec.json"
-    mine = dict(spec.to_dict(), threads=None)
-    if saved.is_file() and not restart and json.loads(saved.read_text()) != mine:
-        raise ValueError(f"run {spec.run!r} exists on the board with another spec; accepted: the same spec "
-                         f"(resumes) or restart")
     if restart:
         shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    scenario = build_scenario(spec.data, workdir)
-    engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
-    learner, plan, _ = build_learner(engine, scenario, spec, _ReportingLearner)
-    learner.on_step = on_step
-    write_atomic(saved, json.dumps(mine))
-    extra = {"job": spec.to_dict(), "label": spec.strategy().label, "budget_plan": plan,
-             "device": {"machine": platform.machine(), "python": platform.python_version()}}
-    result = run_scenario(scenario, learner, spec.run_config(),
-                          folder / "checkpoints", progress=False, extra_config=extra)
+    try:
+        check_resume(folder / "checkpoints", spec.to_dict())
+        scenario = build_scenario(spec.data, workdir)
+        engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
+        learner, plan, _ = build_learner(engine, scenario, spec, _ReportingLearner)
+        learner.on_step = on_step
+        extra = {"job": spec.to_dict(), "label": spec.strategy().label, "budget_plan": plan,
+                 "device": {"machine": platform.machine(), "python": platform.python_version()}}
+        result = run_scenario(scenario, learner, spec.run_config(),
+                              folder / "checkpoints", progress=False, extra_config=extra)
+    except ConfigMismatchError as e:
+        raise ConfigMismatchError(f"run {spec.run!r} exists on the board with another spec: "
+                                  f"{'; '.join(e.differences)}; accepted: the same spec (resumes) or restart",
+                                  e.differences) from e
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"run {spec.run!r}: {e}; on the board: train it with restart") from e
     write_atomic(folder / "result.json", json.dumps(result.to_dict()))
     return result
 

@@ -1,22 +1,34 @@
-"""Crash-safe checkpoints of a long run: numbered folders of `.npz` parts, a `meta.json`, a `LATEST` pointer.
+"""Crash-safe checkpoints: numbered folders of `.npz` parts, a `meta.json` and its digest, a `LATEST` pointer.
 
 Layout under `root`:
 
     root/ckpt-000000007/engine.npz      one npz per part
     root/ckpt-000000007/buffer.npz
     root/ckpt-000000007/meta.json       {"format_version", "meta", "files": {name: {"sha256", "bytes"}}}
+    root/ckpt-000000007/meta.sha256     "<sha256 of meta.json>  meta.json" (what `sha256sum -c` reads)
     root/LATEST                         "ckpt-000000007"
+    root/.lock                          locked (flock) by the one process writing into root
 
 A checkpoint is written into a `.tmp-` folder, every file and the folder are fsynced, the
 folder is renamed into place, then `LATEST` is replaced atomically. A process killed at
 any moment (SIGKILL, power loss after the fsyncs) leaves either the previous `LATEST` or
 the new one, each naming a complete folder; half-written folders only ever carry the
-`.tmp-` prefix and are removed by the next save. One writer per `root`.
+`.tmp-` prefix and are removed by the next save. Every byte is checked on load: the digest
+of `meta.json` before it is parsed (the digest sits beside it, inside the folder, so every
+checkpoint, the older ones fallen back to and a copy fetched from a board, carries its own),
+then the size and sha256 of each part that `meta.json` lists.
+
+One writer per `root`: `CheckpointWriter` holds an exclusive lock on `root/.lock` while it
+is open (`save_checkpoint` opens one for its one save) and refuses to open while another
+process holds it. Pruning deletes only what this module writes (`ckpt-*` beyond `keep`, its
+own `.tmp-ckpt-*` / `.tmp-del-ckpt-*` folders and the temporary `LATEST` of `write_atomic`),
+never another file of the folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -28,17 +40,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, CheckpointFormatError
 from .files import TMP_PREFIX, fsync_dir, write_atomic
+from .folder_lock import FolderLock
 from .manifest import sha256_file
+from .rng_state import rng_from_state_array, rng_state_array  # noqa: F401  (public here: a Generator in a part)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 had no meta.sha256: refused on load (_refuse_old_format)
 LATEST_NAME = "LATEST"
 META_NAME = "meta.json"
+META_DIGEST_NAME = "meta.sha256"
 CKPT_PREFIX = "ckpt-"
 _CKPT_RE = re.compile(r"ckpt-(\d{9})")
 _PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+_DIGEST_RE = re.compile(rb"([0-9a-f]{64})  meta\.json\n?")
+# What a killed save or prune of this module leaves, and nothing else: a save's folder (the suffix
+# is tempfile.mkdtemp's), a pruned folder being deleted, write_atomic's LATEST (files._create_beside).
+_OWN_TMP_RE = re.compile(re.escape(TMP_PREFIX) + rf"(?:{CKPT_PREFIX}\d{{9}}-[a-z0-9_]+|del-{CKPT_PREFIX}\d{{9}}"
+                         rf"|{LATEST_NAME}-[0-9a-f]{{8}})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,72 +75,119 @@ class Checkpoint:
     parts: dict
 
 
-def save_checkpoint(root: str | Path, parts: dict[str, dict[str, np.ndarray]], meta: dict, keep: int = 2) -> Path:
-    """Write a new checkpoint under `root`, point `LATEST` at it, keep the newest `keep`.
+def check_checkpoint_root(root: str | Path) -> None:
+    """Raise ValueError if `root` exists and is not a folder (a path that does not exist yet passes)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"checkpoint folder {str(root)!r} is a file; accepted: a folder, or a path where one "
+                         "can be created")
+
+
+class CheckpointWriter:
+    """The one writer of a checkpoint folder: holds its `FolderLock` (`root/.lock`) until `close`.
+
+    A context manager; `save` writes checkpoints.
 
     Args:
-        root: folder holding the checkpoints; created if missing.
-        parts: part name (e.g. "engine", "buffer", "loop") -> array name -> array. Names
-            match `[A-Za-z0-9_][A-Za-z0-9_.-]*`; object arrays are refused.
-        meta: JSON-serialisable dict stored in `meta.json` (e.g. {"step": 123}).
-        keep: how many complete checkpoints to keep, >= 1. Older ones and stale `.tmp-`
-            entries from a crashed save are deleted after the new one is durable; the
-            one `LATEST` names is never deleted.
-
-    Returns:
-        The new checkpoint folder.
+        root: the checkpoint folder; created, with its parents, if missing.
 
     Raises:
-        ValueError: `keep` < 1, a bad part or array name, an object array, or `meta`
-            that is not a JSON-serialisable dict.
+        ValueError: `root` is a file, cannot be created or is not writable (names it and why).
+        FolderBusyError: another process writes checkpoints into `root` (names it).
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep={keep!r} is not accepted; expected an int >= 1")
-    arrays = _checked_parts(parts)
-    if not isinstance(meta, dict):
-        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
-    try:
-        json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta is not JSON-serialisable ({e}); use str, int, float, bool, None, list, dict") from e
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"{CKPT_PREFIX}{_next_number(root):09d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{name}-"))
-    try:
-        files = {}
-        for part, part_arrays in arrays.items():
-            file_name = f"{part}.npz"
-            with open(tmp / file_name, "wb") as f:
-                _write_npz(f, part_arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            files[file_name] = {"sha256": sha256_file(tmp / file_name), "bytes": (tmp / file_name).stat().st_size}
-        record = {"format_version": FORMAT_VERSION, "meta": meta, "files": files}
-        _write_synced(tmp / META_NAME, json.dumps(record, indent=1).encode())
-        fsync_dir(tmp)
-        os.rename(tmp, root / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(root)
-    _replace_latest(root, name)
-    _prune(root, keep)
-    return root / name
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._lock = FolderLock(self.root, "checkpoint folder")
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        self._lock.release()
+
+    def save(self, parts: dict[str, dict[str, np.ndarray]], meta: dict, keep: int = 2) -> Path:
+        """Write a new checkpoint under the folder, point `LATEST` at it, keep the newest `keep`.
+
+        Args:
+            parts: part name (e.g. "engine", "buffer", "loop") -> array name -> array. Names
+                match `[A-Za-z0-9_][A-Za-z0-9_.-]*`; object arrays are refused.
+            meta: JSON-serialisable dict stored in `meta.json` (e.g. {"step": 123}).
+            keep: how many complete checkpoints to keep, >= 1. Older ones and what a crashed
+                save of this module left are deleted after the new one is durable; the one
+                `LATEST` names is never deleted.
+
+        Returns:
+            The new checkpoint folder.
+
+        Raises:
+            ValueError: `keep` < 1, a bad part or array name, an object array, `meta` that is
+                not a JSON-serialisable dict, or a closed writer.
+        """
+        if not self._lock.held:
+            raise ValueError(f"the CheckpointWriter of {str(self.root)!r} is closed; accepted: an open one")
+        arrays = _checked_save_args(parts, meta, keep)
+        root = self.root
+        name = f"{CKPT_PREFIX}{_next_number(root):09d}"
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{name}-"))
+        try:
+            files = {}
+            for part, part_arrays in arrays.items():
+                file_name = f"{part}.npz"
+                with open(tmp / file_name, "wb") as f:
+                    _write_npz(f, part_arrays)
+                    f.flush()
+                    os.fsync(f.fileno())
+                files[file_name] = {"sha256": sha256_file(tmp / file_name), "bytes": (tmp / file_name).stat().st_size}
+            record = json.dumps({"format_version": FORMAT_VERSION, "meta": meta, "files": files}, indent=1).encode()
+            _write_synced(tmp / META_NAME, record)
+            _write_synced(tmp / META_DIGEST_NAME, f"{hashlib.sha256(record).hexdigest()}  {META_NAME}\n".encode())
+            fsync_dir(tmp)
+            os.rename(tmp, root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(root)
+        _replace_latest(root, name)
+        _prune(root, keep)
+        return root / name
 
 
-def load_checkpoint(root: str | Path, fallback: bool = False) -> Checkpoint | None:
+def save_checkpoint(root: str | Path, parts: dict[str, dict[str, np.ndarray]], meta: dict, keep: int = 2) -> Path:
+    """Write one checkpoint under `root` (created if missing), as its one writer for this save.
+
+    `CheckpointWriter(root).save(parts, meta, keep)`; a long run holds one writer instead,
+    so no other process writes between its saves.
+
+    Raises:
+        ValueError: bad arguments (see `CheckpointWriter.save`), refused before `root` is
+            created or locked; `root` is a file.
+        FolderBusyError: another process writes checkpoints into `root`.
+    """
+    _checked_save_args(parts, meta, keep)
+    with CheckpointWriter(root) as writer:
+        return writer.save(parts, meta, keep)
+
+
+def load_checkpoint(root: str | Path, fallback: bool = False, check=None) -> Checkpoint | None:
     """Load and verify the checkpoint `LATEST` names.
 
-    Every part file is checked against the size and sha256 in `meta.json` and read in
-    full before anything is returned. If `LATEST` is missing (a kill during the first
-    save) or garbled (with a warning), the newest checkpoint folder is used instead.
+    `meta.json` is checked against its digest (`meta.sha256`) before it is parsed, and every
+    part file against the size and sha256 in `meta.json` and read in full, before anything
+    is returned. If `LATEST` is missing (a kill during the first save) or garbled (with a
+    warning), the newest checkpoint folder is used instead. Reading takes no lock.
 
     Args:
         root: folder given to `save_checkpoint`.
-        fallback: if the chosen checkpoint fails verification, warn and load the newest
-            older one that verifies, instead of raising.
+        fallback: if the chosen checkpoint fails verification (or `check`), warn and load the
+            newest older one that passes, instead of raising.
+        check: optional callable(Checkpoint) run on each verified checkpoint before it is
+            returned (e.g. the loop's schema of its `meta`); an ArtifactError it raises counts
+            as a failed verification, anything else propagates.
 
     Returns:
         The checkpoint, or None if `root` holds no checkpoint at all (no `LATEST`, no
@@ -130,6 +196,8 @@ def load_checkpoint(root: str | Path, fallback: bool = False) -> Checkpoint | No
     Raises:
         ArtifactError: the chosen checkpoint is corrupt (names the file and the fault),
             or with `fallback=True` no checkpoint verifies.
+        CheckpointFormatError: a checkpoint of another format version (never fallen back
+            from: the older ones of that run are of that version too).
     """
     root = Path(root)
     numbers = _checkpoint_numbers(root)
@@ -146,50 +214,36 @@ def load_checkpoint(root: str | Path, fallback: bool = False) -> Checkpoint | No
         if latest_path.exists():
             warnings.warn(f"{latest_path} is garbled; using the newest checkpoint {_folder(root, first)}",
                           RuntimeWarning, stacklevel=2)
-    try:
-        return _load_verified(_folder(root, first))
-    except ArtifactError as e:
-        if not fallback:
-            raise
-        failures = [str(e)]
-    for number in reversed([n for n in numbers if n < first]):
-        warnings.warn(f"{failures[-1]}; falling back to {_folder(root, number)}", RuntimeWarning, stacklevel=2)
+    candidates = [first] + ([n for n in reversed(numbers) if n < first] if fallback else [])
+    failures = []
+    for number in candidates:
+        if failures:
+            warnings.warn(f"{failures[-1]}; falling back to {_folder(root, number)}", RuntimeWarning, stacklevel=2)
         try:
-            return _load_verified(_folder(root, number))
+            ckpt = _load_verified(_folder(root, number))
+            if check is not None:
+                check(ckpt)
+            return ckpt
+        except CheckpointFormatError:
+            raise
         except ArtifactError as e:
+            if not fallback:
+                raise
             failures.append(str(e))
     raise ArtifactError(f"no checkpoint under {root} verifies: " + "; ".join(failures))
 
 
-def rng_state_array(gen: np.random.Generator) -> np.ndarray:
-    """The exact state of `gen`'s bit generator as JSON bytes in a uint8 array, to store in an npz.
-
-    The stream of numbers continues exactly after `rng_from_state_array`; the SeedSequence
-    (used only by `spawn`) is not part of the state.
-    """
-    text = json.dumps(gen.bit_generator.state, default=_json_array)
-    return np.frombuffer(text.encode(), dtype=np.uint8).copy()
-
-
-def rng_from_state_array(arr: np.ndarray) -> np.random.Generator:
-    """The Generator whose bit-generator state `rng_state_array` stored in `arr`.
-
-    Raises:
-        ValueError: `arr` is not uint8 JSON of a state, or names an unknown bit generator.
-    """
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise ValueError(f"expected a 1-d uint8 array from rng_state_array, got {arr.dtype} of shape {arr.shape}")
+def _checked_save_args(parts: dict, meta: dict, keep: int) -> dict[str, dict[str, np.ndarray]]:
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep={keep!r} is not accepted; expected an int >= 1")
+    arrays = _checked_parts(parts)
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
     try:
-        state = json.loads(arr.tobytes().decode(), object_hook=_json_unarray)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"rng state array is not JSON: {e}") from e
-    kind = state.get("bit_generator") if isinstance(state, dict) else None
-    if kind not in _BIT_GENERATORS:
-        raise ValueError(f"rng state names bit generator {kind!r}; accepted: {', '.join(_BIT_GENERATORS)}")
-    bit_generator = getattr(np.random, kind)()
-    bit_generator.state = state
-    return np.random.Generator(bit_generator)
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta is not JSON-serialisable ({e}); use str, int, float, bool, None, list, dict") from e
+    return arrays
 
 
 def _checked_parts(parts: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -223,21 +277,11 @@ def _write_npz(f, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _load_verified(folder: Path) -> Checkpoint:
-    meta_path = folder / META_NAME
     if not folder.is_dir():
         raise ArtifactError(f"checkpoint folder {folder} is missing")
-    try:
-        record = json.loads(meta_path.read_bytes())
-    except FileNotFoundError:
-        raise ArtifactError(f"{meta_path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{meta_path} is unreadable: {e}") from e
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not isinstance(record.get("meta"), dict):
-        raise ArtifactError(f"{meta_path} lacks a 'meta' dict or a 'files' dict")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{meta_path} has format_version {record.get('format_version')!r}; "
-                            f"accepted: {FORMAT_VERSION}")
+    record = _read_record(folder)
+    files = record["files"]
+    meta_path = folder / META_NAME
     parts = {}
     for file_name, entry in files.items():
         path = folder / file_name
@@ -258,6 +302,55 @@ def _load_verified(folder: Path) -> Checkpoint:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ArtifactError(f"{path} is not a readable npz: {e}") from e
     return Checkpoint(path=folder, meta=record["meta"], parts=parts)
+
+
+def _read_record(folder: Path) -> dict:
+    """meta.json of `folder`, after its digest in meta.sha256 checked (format_version 2)."""
+    meta_path, digest_path = folder / META_NAME, folder / META_DIGEST_NAME
+    try:
+        data = meta_path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{meta_path} is missing") from None
+    except OSError as e:
+        raise ArtifactError(f"{meta_path} is unreadable: {e}") from e
+    try:
+        line = digest_path.read_bytes()
+    except FileNotFoundError:
+        _refuse_old_format(meta_path, data)
+        raise ArtifactError(f"{digest_path} is missing (it holds the sha256 of {META_NAME})") from None
+    except OSError as e:
+        raise ArtifactError(f"{digest_path} is unreadable: {e}") from e
+    m = _DIGEST_RE.fullmatch(line)
+    if m is None:
+        raise ArtifactError(f"{digest_path} is garbled; accepted: '<64 hex digits>  {META_NAME}'")
+    digest, expected = hashlib.sha256(data).hexdigest(), m.group(1).decode()
+    if digest != expected:
+        raise ArtifactError(f"{meta_path} has sha256 {digest}, expected {expected} (altered)")
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{meta_path} is unreadable: {e}") from e
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not isinstance(
+            record.get("meta"), dict):
+        raise ArtifactError(f"{meta_path} lacks a 'meta' dict or a 'files' dict")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointFormatError(f"{meta_path} has format_version {record.get('format_version')!r}; "
+                                    f"accepted: {FORMAT_VERSION} (written by another version of edgecl)")
+    return record
+
+
+def _refuse_old_format(meta_path: Path, data: bytes) -> None:
+    """Raise CheckpointFormatError if meta.json without a digest is a whole format_version 1 record."""
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # a damaged folder, not an old one: the caller says the digest is missing
+    if isinstance(record, dict) and record.get("format_version") == 1 and isinstance(record.get("files"), dict):
+        raise CheckpointFormatError(
+            f"{meta_path.parent} was written by an earlier edgecl (checkpoint format_version 1, which records "
+            f"neither the run's settings nor a digest of {META_NAME}, so a resume could neither be checked "
+            f"nor trusted); accepted: format_version {FORMAT_VERSION}: finish that run with the edgecl that "
+            "started it, or start it again in a new or empty folder")
 
 
 def _checkpoint_numbers(root: Path) -> list[int]:
@@ -297,9 +390,12 @@ def _replace_latest(root: Path, name: str) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Delete checkpoints beyond the newest `keep` (never LATEST's) and stale `.tmp-` entries."""
+    """Delete checkpoints beyond the newest `keep` (never LATEST's) and what killed saves of this module left.
+
+    Only under the folder's lock: another writer's `.tmp-` folder in the making would match too.
+    """
     for path in root.iterdir():
-        if path.name.startswith(TMP_PREFIX):
+        if _OWN_TMP_RE.fullmatch(path.name):
             _remove(path)
     numbers = _checkpoint_numbers(root)
     protected = set(numbers[-keep:]) | {_read_latest(root)}
@@ -316,18 +412,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _json_array(value):
-    # MT19937 keeps its key as an array; numpy scalars may appear in other states.
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in an rng state")
-
-
-def _json_unarray(obj: dict):
-    if "__ndarray__" in obj:
-        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-    return obj

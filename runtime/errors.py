@@ -15,3 +15,23 @@ class BatchError(EdgeclError, ValueError):
 
 class UnsupportedModelError(EdgeclError, ValueError):
     """The exporter met a layer or op it cannot put into a training graph."""
+
+
+class FolderBusyError(EdgeclError):
+    """Another process is writing the folder (it holds the folder's lock file): one writer per folder."""
+
+
+class CheckpointFormatError(ArtifactError):
+    """A checkpoint was written by another version of edgecl, in a format this one does not resume."""
+
+
+class ConfigMismatchError(EdgeclError, ValueError):
+    """A checkpoint was written by a run with other settings than the one asked to resume it.
+
+    Attributes:
+        differences: one "field: <checkpoint's value> in the checkpoint, <value> now" per field.
+    """
+
+    def __init__(self, message: str, differences: list[str]):
+        super().__init__(message)
+        self.differences = differences

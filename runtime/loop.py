@@ -5,7 +5,8 @@ accuracy matrix and every metric. With a checkpoint folder it saves the whole st
 ends and every N steps, and a run killed at any moment resumes from the last checkpoint
 and ends with exactly the metrics of an uninterrupted run (same seed): the order of every
 epoch is a pure function of (seed, task, epoch), and every other random draw comes from a
-generator whose state is in the checkpoint.
+generator whose state is in the checkpoint. A checkpoint is resumed only under the settings
+that wrote it (`edgecl.runtime.resume`), and only if its position is one this run can be at.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .budget import peak_rss_bytes
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
+from .errors import ArtifactError
 from .metrics import average_accuracy, backward_transfer, class_il_accuracy, forgetting, forward_transfer, task_il_accuracy
+from .resume import refuse_other_settings, run_identity
 from .scenarios import Scenario
 from .strategies import Learner, Method
 
@@ -102,11 +105,27 @@ def run_scenario(scenario: Scenario, learner: Learner, config: RunConfig = RunCo
     Args:
         scenario: the tasks. learner: strategy over an engine (and its buffer).
         config: epochs, batch size, seed, checkpoint cadence.
-        checkpoint_dir: where to save and resume from (None: no checkpoints).
-        progress: show a progress bar. extra_config: recorded in the result's `config`.
+        checkpoint_dir: where to save and resume from (None: no checkpoints); locked for the
+            whole run. Every checkpoint records the run's settings (`resume.run_identity`); one
+            that is unreadable, or whose position this run cannot be at, is passed over for the
+            older one with a warning.
+        progress: show a progress bar. extra_config: recorded in the result's `config`; its
+            "job" (the caller's whole job description) is part of the settings a resume must match.
     Returns:
         RunResult with R[t][i] (accuracy on task i after task t) and the derived metrics.
+    Raises:
+        ConfigMismatchError: the checkpoint was written under other settings (names each field).
+        FolderBusyError: another process writes checkpoints into `checkpoint_dir`.
+        ArtifactError: no checkpoint in `checkpoint_dir` verifies.
     """
+    if checkpoint_dir is None:
+        return _run(scenario, learner, config, None, progress, extra_config)
+    with CheckpointWriter(checkpoint_dir) as writer:
+        return _run(scenario, learner, config, writer, progress, extra_config)
+
+
+def _run(scenario: Scenario, learner: Learner, config: RunConfig, writer: CheckpointWriter | None, progress: bool,
+         extra_config: dict | None) -> RunResult:
     from tqdm import tqdm
 
     T, E = scenario.n_tasks, config.epochs
@@ -115,7 +134,10 @@ def run_scenario(scenario: Scenario, learner: Learner, config: RunConfig = RunCo
     baseline = None
     pos = {"task": 0, "epoch": 0, "batch": 0, "task_begun": False, "epoch_begun": False, "wall_s": 0.0}
     resumed = False
-    ckpt = load_checkpoint(checkpoint_dir, fallback=True) if checkpoint_dir is not None else None
+    identity = run_identity(scenario, learner, config, (extra_config or {}).get("job")) if writer else None
+    ckpt = (load_checkpoint(writer.root, fallback=True,
+                            check=lambda c: _check_resumable(c, identity, scenario, learner, config))
+            if writer else None)
     if ckpt is not None:
         learner.engine.load_state_arrays(ckpt.parts["engine"], f"checkpoint {ckpt.path}")
         if learner.buffer is not None:
@@ -128,14 +150,14 @@ def run_scenario(scenario: Scenario, learner: Learner, config: RunConfig = RunCo
         baseline = np.array(_evaluate(scenario, learner)[0])
 
     def checkpoint() -> None:
-        if checkpoint_dir is None:
+        if writer is None:
             return
         parts = {"engine": learner.engine.state_arrays(), "learner": learner.state_arrays(),
                  "loop": {"R": R, "R_task": R_task, "baseline": baseline}}
         if learner.buffer is not None:
             parts["buffer"] = learner.buffer.state_arrays()
-        save_checkpoint(checkpoint_dir, parts, {"position": {**pos, "wall_s": pos["wall_s"] + time.perf_counter() - t0},
-                                                "step": learner.step})
+        writer.save(parts, {"position": {**pos, "wall_s": pos["wall_s"] + time.perf_counter() - t0},
+                            "step": learner.step, "config": identity})
 
     steps_per_epoch = sum(len(k.x_train) for k in scenario.tasks) // (T * config.batch_size)
     bar = tqdm(total=T * E * max(1, steps_per_epoch), initial=learner.step, unit="step", disable=not progress,
@@ -174,6 +196,90 @@ def run_scenario(scenario: Scenario, learner: Learner, config: RunConfig = RunCo
         dense_train_flops=learner.dense_train_flops, steps=learner.step, peak_rss_bytes=peak_rss_bytes(),
         wall_s=wall, resumed=resumed,
         config={"run": dataclasses.asdict(config), "strategy": learner.config.to_dict(), **(extra_config or {})})
+
+
+_POSITION = {"task": int, "epoch": int, "batch": int, "task_begun": bool, "epoch_begun": bool, "wall_s": float}
+_ACCEPTED = {int: "an integer", bool: "true or false", float: "seconds >= 0"}
+
+
+def _is_a(value, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):  # JSON true is no number here, 1 no boolean
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and 0 <= value < float("inf")
+
+
+def _check_resumable(ckpt: Checkpoint, identity: dict, scenario: Scenario, learner: Learner,
+                     config: RunConfig) -> None:
+    """Refuse a checkpoint of other settings; any other fault of its meta or parts is an ArtifactError.
+
+    An ArtifactError makes `load_checkpoint` fall back to the older checkpoint. Nothing is
+    restored here: the checks read the checkpoint's arrays only.
+
+    Raises:
+        ConfigMismatchError: written under other settings (never fallen back from: the older
+            checkpoints of the folder were written by the same run).
+        ArtifactError: no recorded settings, a position that is malformed or out of this run's
+            range, missing or misshapen parts, or a learner state that disagrees with the position.
+    """
+    where, meta, T, E = ckpt.path / "meta.json", ckpt.meta, scenario.n_tasks, config.epochs
+    if not isinstance(meta.get("config"), dict):
+        raise ArtifactError(f"{where} records no run settings ('config'); accepted: a checkpoint of run_scenario")
+    refuse_other_settings(ckpt.path, meta["config"], identity)
+    pos = meta.get("position")
+    if not isinstance(pos, dict) or set(pos) != set(_POSITION):
+        raise ArtifactError(f"{where}: position {pos!r}; accepted: a dict of {', '.join(_POSITION)}")
+    for key, kind in _POSITION.items():
+        if not _is_a(pos[key], kind):
+            raise ArtifactError(f"{where}: position {key}={pos[key]!r}; accepted: {_ACCEPTED[kind]}")
+    t, e, b, task_begun, epoch_begun = (pos[k] for k in ("task", "epoch", "batch", "task_begun", "epoch_begun"))
+    rules = [(0 <= t <= T, f"0 <= task <= {T}"), (0 <= e < E, f"0 <= epoch < {E}"), (b >= 0, "batch >= 0"),
+             (task_begun or (e, b, epoch_begun) == (0, 0, False), "epoch 0, batch 0 until a task begins"),
+             (epoch_begun or b == 0, "batch 0 until an epoch begins"), (t < T or not task_begun, f"no task {T}")]
+    broken = [rule for ok, rule in rules if not ok]
+    if broken:
+        raise ArtifactError(f"{where}: position {pos}; accepted: {', '.join(broken)}")
+    needed = {"engine", "learner", "loop"} | ({"buffer"} if learner.buffer is not None else set())
+    if set(ckpt.parts) != needed:
+        raise ArtifactError(f"{ckpt.path} holds parts {sorted(ckpt.parts)}; accepted: {sorted(needed)}")
+    loop = ckpt.parts["loop"]
+    shapes = {"R": (T, T), "R_task": (T, T), "baseline": (T,)}
+    if any(name not in loop or loop[name].shape != shape or loop[name].dtype.kind != "f"
+           for name, shape in shapes.items()):
+        raise ArtifactError(f"{ckpt.path}/loop.npz: {({k: (v.dtype.str, v.shape) for k, v in loop.items()})}; "
+                            f"accepted: float arrays R {(T, T)}, R_task {(T, T)}, baseline {(T,)}")
+    evaluated = ~np.isnan(loop["R"]).all(axis=1)
+    if not (evaluated[:t].all() and not evaluated[t:].any()):
+        raise ArtifactError(f"{ckpt.path}/loop.npz: accuracies after tasks {np.flatnonzero(evaluated).tolist()}; "
+                            f"accepted: after tasks {list(range(t))}, as position task={t} says")
+    _check_learner_state(ckpt, pos, meta.get("step"), scenario, learner, config)
+
+
+def _check_learner_state(ckpt: Checkpoint, pos: dict, step, scenario: Scenario, learner: Learner,
+                         config: RunConfig) -> None:
+    where = ckpt.path / "learner.npz"
+    try:
+        state = json.loads(ckpt.parts["learner"]["learner::meta"].tobytes().decode())
+        task, learner_step = state["task"], state["step"]
+    except (KeyError, TypeError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{where} has no readable learner::meta ({type(e).__name__}: {e})") from e
+    t = pos["task"]
+    if task != (t if pos["task_begun"] else t - 1) or learner_step != step:
+        raise ArtifactError(f"{where}: learner at task {task}, step {learner_step}; the meta's position task={t} "
+                            f"(task_begun={pos['task_begun']}), step={step} disagree")
+    if not pos["epoch_begun"]:
+        return
+    active = ckpt.parts["learner"].get("learner::active")
+    tasks = scenario.tasks[: t + 1] if learner.config.method is Method.JOINT else [scenario.tasks[t]]  # _task_data
+    size = sum(len(k.y_train) for k in tasks)
+    if active is None or active.dtype != bool or active.shape != (size,):
+        raise ArtifactError(f"{where}: learner::active {None if active is None else (active.dtype.str, active.shape)}"
+                            f"; accepted: bool ({size},), task {t}'s examples")
+    n = len(_batches(epoch_order(config.seed, t, pos["epoch"], active), config.batch_size))
+    if pos["batch"] > n:
+        raise ArtifactError(f"{ckpt.path / 'meta.json'}: position batch={pos['batch']}; accepted: <= {n}, the "
+                            f"batches of task {t} epoch {pos['epoch']}")
 
 
 def result_json(result: RunResult) -> str:

@@ -105,3 +105,108 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(out_dir, tmp_pat
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "engine.npz" in again.stderr  # the warning names the corrupt file
+
+
+# --- the results table ---------------------------------------------------------------------------
+
+
+def test_the_table_shows_a_dash_for_tasks_not_yet_trained():
+    """Issue 11: the upper triangle (tasks not trained yet) printed as 0.0."""
+    from edgecl.bench.cl_run import format_result
+    from edgecl.runtime.loop import RunResult
+
+    r = [[0.98, 0.0, 0.0], [0.5, 0.96, 0.0], [0.4, 0.45, 0.97]]
+    result = RunResult(acc_matrix=r, task_il_matrix=r, acc=0.6, task_il_acc=0.6, bwt=-0.5, forgetting=0.5, fwt=0.0,
+                       train_flops=1.0, dense_train_flops=2.0, steps=10, peak_rss_bytes=None, wall_s=1.0,
+                       resumed=False, config={"label": "DER++"})
+    rows = [line.split() for line in format_result(result).splitlines() if line.startswith("task")]
+    assert rows == [["task1", "98.0", "-", "-"], ["task2", "50.0", "96.0", "-"], ["task3", "40.0", "45.0", "97.0"]]
+
+
+# --- folders refused up front ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--out"])
+def test_a_file_as_a_folder_argument_is_refused_before_any_work(tmp_path, option):
+    """Issue 11: `--checkpoint f` trained a task, then FileExistsError; `--out f` gave a traceback."""
+    (tmp_path / "f").write_text("mine")
+    proc = subprocess.run(RUN + ["--out", str(tmp_path / "out"), option, str(tmp_path / "f")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{option} '{tmp_path / 'f'}' is a file; accepted: a folder" in proc.stderr
+    assert (tmp_path / "f").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+# --- resuming: the same settings or none -------------------------------------------------------
+
+
+def snapshot(root) -> dict:
+    return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(out_dir, tmp_path_factory):
+    """A checkpoint folder and the JSON of a run that went to its end."""
+    folder = tmp_path_factory.mktemp("finished")
+    proc = subprocess.run(RUN + ["--out", str(out_dir), "--checkpoint", str(folder / "ck"), "--checkpoint-every", "10",
+                                 "--json", str(folder / "a.json")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "ck", json.loads((folder / "a.json").read_text())
+
+
+@pytest.mark.parametrize("flags, difference", [
+    (["--epochs", "4"], "epochs: 3 in the checkpoint, 4 now"),
+    (["--lr", "0.01"], "lr: 0.1 in the checkpoint, 0.01 now"),
+    (["--seed", "1"], "seed: 0 in the checkpoint, 1 now"),
+    (["--sparsity", "0.9"], "sparsity: 0.75 in the checkpoint, 0.9 now"),
+    (["--dense"], "sparsity: 0.75 in the checkpoint, None now"),
+    (["--batch", "16"], "batch_size: 32 in the checkpoint, 16 now"),
+    (["--threads", "2"], "threads: 1 in the checkpoint, 2 now"),
+    (["--epochs", "5", "--lr", "0.01"], "epochs: 3 in the checkpoint, 5 now; lr: 0.1 in the checkpoint, 0.01 now"),
+])
+def test_resuming_under_other_settings_is_refused_naming_them_and_changes_nothing(finished, out_dir, tmp_path, capsys,
+                                                                                 flags, difference):
+    """Issue 11: "(resumed)", rc 0, and a JSON with the new settings over the old run's metrics."""
+    from edgecl.bench.edgecl_cli import main
+
+    ckpt, _ = finished
+    before, artifacts = snapshot(ckpt), sorted((out_dir / "artifacts").iterdir())
+    rc = main(RUN[3:] + ["--out", str(out_dir), "--checkpoint", str(ckpt), "--checkpoint-every", "10",
+                         "--json", str(tmp_path / "b.json")] + flags)
+    err = capsys.readouterr().err
+    assert rc == 2 and "was written by a run with other settings: " + difference + "; accepted: the same" in err
+    assert snapshot(ckpt) == before and not (tmp_path / "b.json").exists()
+    assert sorted((out_dir / "artifacts").iterdir()) == artifacts  # refused before the export, too
+
+
+def test_resuming_with_another_checkpoint_cadence_is_the_same_run(finished, out_dir, tmp_path):
+    ckpt, first = finished
+    proc = subprocess.run(RUN + ["--out", str(out_dir), "--checkpoint", str(ckpt), "--checkpoint-every", "7",
+                                 "--json", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "(resumed)" in proc.stdout, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "b.json").read_text())
+    for key in EXACT_KEYS:
+        assert again[key] == first[key], key
+    assert {k: v for k, v in again["config"]["job"].items() if k != "checkpoint_every"} == {
+        k: v for k, v in first["config"]["job"].items() if k != "checkpoint_every"}
+
+
+HOLDER = ("import sys\nfrom edgecl.runtime.checkpoint import CheckpointWriter\n"
+          "with CheckpointWriter(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.readline()\n")
+
+
+def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused_naming_it(out_dir, tmp_path):
+    """Issue 11: two runs on one folder: one died (Directory not empty) as each pruned the other's temp folder."""
+    ckpt = tmp_path / "ck"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ckpt)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run(RUN + ["--out", str(out_dir), "--checkpoint", str(ckpt)], capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"checkpoint folder '{ckpt}' is in use: another process writes into it" in proc.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == [".lock"]

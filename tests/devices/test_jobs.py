@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,47 @@ def test_train_spec_round_trips_through_a_dict():
     spec = TrainSpec(run="r", artifact="a", data=DataSpec("d", tasks=2), sparsity=None, method="er", budget="4MiB", buffer=None)
     again = TrainSpec(**spec.to_dict())
     assert again == spec and again.strategy().label == "ER"
+
+
+@pytest.fixture
+def board_workdir(tmp_path, exported):
+    """A workdir as the agent keeps it: the mlp artifacts and the digits pushed."""
+    import shutil
+
+    from edgecl.runtime.data import load_digits
+    from edgecl.runtime.scenarios import train_test_split
+
+    shutil.copytree(exported("mlp")[1], tmp_path / "artifacts" / "mlp")
+    train_set, test_set = train_test_split(load_digits(), 0.2, 0)
+    save_split(train_set, test_set, tmp_path / "data" / "digits", "digits")
+    return tmp_path
+
+
+def board_spec(**kw) -> TrainSpec:
+    fields = dict(run="r", artifact="mlp", data=DataSpec("digits", tasks=2), method="er", sparsity=0.75, buffer=50,
+                  epochs=1, threads=1, checkpoint_every=5)
+    return TrainSpec(**{**fields, **kw})
+
+
+def test_a_train_under_another_spec_is_refused_naming_each_field(board_workdir):
+    """The agent's resume check is the runtime's: the spec is in the checkpoints, compared field by field."""
+    from edgecl.devices.jobs import train
+    from edgecl.runtime.checkpoint import load_checkpoint
+    from edgecl.runtime.errors import ConfigMismatchError
+
+    first = train(board_spec(), board_workdir)
+    checkpoints = board_workdir / "runs" / "r" / "checkpoints"
+    assert load_checkpoint(checkpoints).meta["config"]["job"]["epochs"] == 1
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in checkpoints.rglob("*"))
+    for change, difference in [({"epochs": 2}, "epochs: 1 in the checkpoint, 2 now"),
+                               ({"threads": 2}, "threads: 1 in the checkpoint, 2 now"),
+                               ({"data": DataSpec("digits", tasks=2, seed=1)},
+                                "data.seed: 0 in the checkpoint, 1 now")]:
+        with pytest.raises(ConfigMismatchError, match=rf"run 'r' exists on the board with another spec: "
+                           rf"{re.escape(difference)}; accepted: the same spec \(resumes\) or restart"):
+            train(board_spec(**change), board_workdir)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in checkpoints.rglob("*")) == before
+    again = train(board_spec(checkpoint_every=3), board_workdir)  # the cadence is free: the same run resumes
+    assert again.resumed and again.acc_matrix == first.acc_matrix
+    anew = train(board_spec(epochs=2), board_workdir, restart=True)
+    assert not anew.resumed and anew.steps > first.steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -22,9 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgecl.runtime import checkpoint as ckpt_mod
-from edgecl.runtime.checkpoint import (
-    Checkpoint, load_checkpoint, rng_from_state_array, rng_state_array, save_checkpoint,
-)
+from edgecl.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgecl.runtime.errors import ArtifactError
 
 
@@ -125,7 +124,7 @@ def test_keep_two_keeps_the_newest_two(tmp_path):
         assert len(ckpt_dirs(tmp_path)) == min(step, 2)
     assert ckpt_dirs(tmp_path) == ["ckpt-000000004", "ckpt-000000005"] and path.name == "ckpt-000000005"
     assert_is_step(load_checkpoint(tmp_path), 5)
-    assert sorted(os.listdir(tmp_path)) == ["LATEST", "ckpt-000000004", "ckpt-000000005"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "LATEST", "ckpt-000000004", "ckpt-000000005"]
 
 
 def test_keep_one_deletes_the_old_one_only_after_the_new_one_is_in_place(tmp_path):
@@ -217,13 +216,20 @@ def test_unreadable_meta_json_raises(three, content):
         load_checkpoint(root)
 
 
+def rewrite_meta(folder: Path, record: dict) -> None:
+    """Write meta.json and a digest that matches it: an edit the digest cannot catch."""
+    data = json.dumps(record).encode()
+    (folder / "meta.json").write_bytes(data)
+    (folder / "meta.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  meta.json\n")
+
+
 def test_part_with_matching_sha_but_not_an_npz_raises(tmp_path):
     path = save_checkpoint(tmp_path, parts_for(1), {"step": 1})
     (path / "loop.npz").write_bytes(b"not a zip file at all")
     record = json.loads((path / "meta.json").read_text())
     record["files"]["loop.npz"] = {"sha256": ckpt_mod.sha256_file(path / "loop.npz"),
                                    "bytes": (path / "loop.npz").stat().st_size}
-    (path / "meta.json").write_text(json.dumps(record))
+    rewrite_meta(path, record)
     with pytest.raises(ArtifactError, match=r"loop\.npz is not a readable npz"):
         load_checkpoint(tmp_path)
 
@@ -278,15 +284,29 @@ def test_latest_naming_a_missing_folder_with_no_folders_raises(tmp_path):
 
 def test_stale_temp_dir_from_a_crash_is_ignored_then_cleaned(three):
     root, _ = three
-    stale = root / ".tmp-ckpt-000000004-abc123"
+    stale = root / ".tmp-ckpt-000000004-abc1_x9z"  # the names tempfile.mkdtemp and write_atomic give
     stale.mkdir()
     (stale / "engine.npz").write_bytes(b"half written")
-    (root / ".tmp-LATEST-xyz").write_bytes(b"ckpt-0000")
+    (root / ".tmp-LATEST-0a1b2c3d").write_bytes(b"ckpt-0000")
     doomed = root / ".tmp-del-ckpt-000000000"
     doomed.mkdir()
     assert_is_step(load_checkpoint(root), 3)
     save_checkpoint(root, parts_for(4), {"step": 4}, keep=2)
-    assert sorted(os.listdir(root)) == ["LATEST", "ckpt-000000003", "ckpt-000000004"]
+    assert sorted(os.listdir(root)) == [".lock", "LATEST", "ckpt-000000003", "ckpt-000000004"]
+
+
+def test_a_users_own_tmp_files_survive_saves(tmp_path):
+    """Issue 11: a user's `.tmp-*` file in a --checkpoint folder was deleted by the next save."""
+    mine = [".tmp-mine.txt", ".tmp-notes", ".tmp-ckpt-draft", ".tmp-LATEST-old", ".tmp-del-ckpt-1", ".tmp-"]
+    for name in mine:
+        (tmp_path / name).write_text("mine")
+    (tmp_path / ".tmp-dir").mkdir()
+    (tmp_path / ".tmp-dir" / "thesis.txt").write_text("mine")
+    for step in range(1, 4):
+        save_checkpoint(tmp_path, parts_for(step), {"step": step}, keep=1)
+    assert all((tmp_path / name).read_text() == "mine" for name in mine)
+    assert (tmp_path / ".tmp-dir" / "thesis.txt").read_text() == "mine"
+    assert_is_step(load_checkpoint(tmp_path), 3)
 
 
 def test_only_a_stale_temp_dir_counts_as_no_checkpoint(tmp_path):
@@ -350,30 +370,6 @@ def test_bad_input_raises_value_error_and_writes_nothing(tmp_path, parts, meta, 
     with pytest.raises(ValueError, match=match):
         save_checkpoint(tmp_path / "root", parts, meta, keep=keep)
     assert not (tmp_path / "root").exists()
-
-
-# --- rng state ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"])
-def test_rng_state_round_trips_through_a_checkpoint(tmp_path, kind):
-    gen = np.random.Generator(getattr(np.random, kind)(1234))
-    gen.standard_normal(17)  # move off the seed, and leave a cached half of a Gaussian pair where it applies
-    state = rng_state_array(gen)
-    assert state.dtype == np.uint8 and state.ndim == 1
-    save_checkpoint(tmp_path, {"loop": {"rng": state}}, {"step": 0})
-    restored = rng_from_state_array(load_checkpoint(tmp_path).parts["loop"]["rng"])
-    np.testing.assert_array_equal(restored.standard_normal(50), gen.standard_normal(50))
-    np.testing.assert_array_equal(restored.integers(0, 2**62, 50), gen.integers(0, 2**62, 50))
-
-
-def test_rng_from_bad_array_raises():
-    with pytest.raises(ValueError, match="uint8"):
-        rng_from_state_array(np.zeros(3, dtype=np.int64))
-    with pytest.raises(ValueError, match="not JSON"):
-        rng_from_state_array(np.frombuffer(b"{oops", dtype=np.uint8))
-    with pytest.raises(ValueError, match="bit generator 'Evil'"):
-        rng_from_state_array(np.frombuffer(b'{"bit_generator": "Evil"}', dtype=np.uint8))
 
 
 # --- SIGKILL -----------------------------------------------------------------------------------
