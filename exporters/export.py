@@ -24,12 +24,11 @@ from torch import nn
 from edgecl.runtime.manifest import Manifest, file_entries, load_manifest
 
 from .layers import activation_bytes_per_sample, layer_table
+from .onnx_files import IR_VERSION, OPSET, save_onnx
+from .ort_training import write_ort_training
+from .portable import write_portable
 from .quiet import quiet_onnx_export
 from .spec import check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
-
-OPSET = 18  # <= 21: ONNX Runtime 1.19 (last training release) and the newest both run it
-IR_VERSION = 10  # ORT 1.19.2 refuses IR 11+ (written by onnx >= 1.18)
-
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactSet:
@@ -81,12 +80,6 @@ def exporter_fingerprint() -> str:
     from edgecl.runtime import manifest
 
     return source_fingerprint([Path(__file__).parent, Path(manifest.__file__).parent], _versions())
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Write an ONNX model at the IR version every supported ORT reads."""
-    model.ir_version = min(model.ir_version, IR_VERSION)
-    onnx.save(model, str(path))
 
 
 def export_inference(model: nn.Module, example_input: torch.Tensor, path: Path, opset: int = OPSET) -> None:
@@ -141,10 +134,7 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        if engine == "portable":
-            from .portable import write_portable as writer
-        else:
-            from .ort_training import write_ort_training as writer
+        writer = write_portable if engine == "portable" else write_ort_training
         files, extra = writer(model, example_input, tmp, params, buffers, mask_arrays, opset=opset, dropout=dropout)
         # for FLOPs counting and the memory budget on the device, which has no torch
         extra = {**extra, "layers": layer_table(model, example_input),

@@ -57,7 +57,7 @@ from edgecl.runtime.errors import UnsupportedModelError
 from edgecl.runtime.manifest import TensorSpec
 from edgecl.runtime.optim import OptimizerConfig
 
-from .export import save_onnx
+from .onnx_files import save_onnx
 
 TRAIN_INPUTS = ("x", "y", "sample_weight", "target_logits", "logit_weight")
 EVAL_INPUTS = ("x",)
