@@ -203,12 +203,21 @@ def test_artifact_with_an_altered_manifest_file_is_refused(line, agent, payload)
 
 
 def synthetic_artifact(folder, seed: int):
-    """An artifact folder the agent accepts: a 70 kB file and a manifest with its sha256."""
-    from edgecl.runtime.manifest import Manifest, file_entries
+    """An artifact folder the agent accepts: a 70 kB file, the files a portable manifest must list (random
+    bytes: the agent checks their sha256, it does not open them) and a manifest with their sha256."""
+    from edgecl.runtime.manifest import Manifest, TensorSpec, file_entries
 
     folder.mkdir(parents=True)
-    (folder / "weights.bin").write_bytes(np.random.default_rng(seed).bytes(70_000))
-    Manifest("portable", (1, 8, 8), 10, (), files=file_entries(folder, ["weights.bin"])).write(folder)
+    rng = np.random.default_rng(seed)
+    (folder / "weights.bin").write_bytes(rng.bytes(70_000))
+    names = ["weights.bin", "init_state.npz", "model.onnx", "step.onnx", "forward.onnx"]
+    for name in names[1:]:
+        (folder / name).write_bytes(rng.bytes(64))
+    state = ["param::w"]
+    extra = {"step_inputs": ["x", "y", "sample_weight", "target_logits", "logit_weight", *state],
+             "step_outputs": ["loss", "logits", "grad::w"], "forward_inputs": ["x", *state]}
+    Manifest("portable", (1, 8, 8), 10, (TensorSpec("w", (10, 64)),), files=file_entries(folder, names),
+             extra=extra).write(folder)
     return folder
 
 
