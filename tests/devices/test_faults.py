@@ -221,6 +221,31 @@ def synthetic_artifact(folder, seed: int):
     return folder
 
 
+@pytest.mark.parametrize("fault", ["manifest-edited", "digest-missing"])
+def test_artifact_whose_manifest_does_not_match_its_digest_is_refused(line, agent, tmp_path, fault):
+    import json
+
+    folder = synthetic_artifact(tmp_path / "art", 0)
+    if fault == "manifest-edited":  # every file's sha256 still checks; the manifest's own does not
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "files": {}}))
+    else:
+        (folder / "manifest.sha256").unlink()
+    with host(line) as board:
+        with pytest.raises(AgentError, match=r"ArtifactError.*manifest"):
+            board.push(folder, "artifact", "bad", chunk_bytes=CHUNK)
+    assert not (agent.workdir / "artifacts" / "bad").exists()
+
+
+def test_a_kept_artifact_keeps_its_manifest_digest(line, agent, tmp_path):
+    folder = synthetic_artifact(tmp_path / "art", 0)
+    with host(line) as board:
+        board.push(folder, "artifact", "good", chunk_bytes=CHUNK)
+    kept = agent.workdir / "artifacts" / "good"
+    assert (kept / "manifest.sha256").read_bytes() == (folder / "manifest.sha256").read_bytes()
+    load_manifest(kept)
+
+
 def test_agent_killed_mid_transfer_then_restarted(line, tmp_path):
     old, new = synthetic_artifact(tmp_path / "v1", 1), synthetic_artifact(tmp_path / "v2", 2)
     workdir = tmp_path / "board"
