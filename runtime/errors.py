@@ -15,3 +15,7 @@ class BatchError(EdgeclError, ValueError):
 
 class UnsupportedModelError(EdgeclError, ValueError):
     """The exporter met a layer or op it cannot put into a training graph."""
+
+
+class FolderBusyError(EdgeclError):
+    """Another process or thread is writing the folder (it holds the folder's lock file)."""
