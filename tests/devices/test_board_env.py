@@ -4,6 +4,7 @@ aarch64 board (stock onnxruntime, pyserial, numpy, tqdm; no torch), and the agen
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import tomllib
 from pathlib import Path
@@ -17,8 +18,8 @@ from tests.devices.test_faults import _hello_when_up
 
 ROOT = Path(__file__).resolve().parents[2]
 STOCK = ROOT / ".venv-stock-ort" / "bin"
-pytestmark = pytest.mark.skipif(not (STOCK / "python").exists(),
-                                reason="no .venv-stock-ort: ./bootstrap.sh test creates it")
+pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or not (STOCK / "python").exists(),
+                                reason="no .venv-stock-ort (./bootstrap.sh test creates it on the x86-64 host)")
 
 DISTRIBUTIONS = """
 import json
