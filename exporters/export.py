@@ -1,8 +1,10 @@
 """`export`: a torch model -> an artifact folder a device can train from.
 
-The folder always holds `manifest.json`, `init_state.npz` (initial parameters,
-masks and BatchNorm buffers by name), `model.onnx` (an inference model stock
-onnxruntime runs) and the engine's training graphs.
+The folder always holds `manifest.json` and its digest `manifest.sha256`,
+`init_state.npz` (initial parameters, masks and BatchNorm buffers by name),
+`model.onnx` (an inference model stock onnxruntime runs) and the engine's training
+graphs. It is written beside the output folder and moved into place whole
+(`out_folder`), by one export at a time (`edgecl.runtime.locks`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .out_folder import check_out_dir, discard, make_temp_folder, move_into_plac
 from .portable import write_portable
 from .quiet import quiet_onnx_export
 from .spec import check_logits, check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
+
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactSet:

@@ -55,13 +55,15 @@ def check_out_dir(out_dir, overwrite: bool = True) -> Path:
                          f"whole; accepted: a folder that does not hold the working folder, e.g. "
                          f"{str(Path(out_dir) / 'artifacts')!r}")
     if target.exists() and not target.is_dir():
-        raise ValueError(f"output folder {shown!r} is a file; accepted: a new folder, an empty one or an earlier export")
+        raise ValueError(f"output folder {shown!r} is a file; accepted: a new folder, an empty one or an earlier "
+                         "export")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{shown!r} exists; pass overwrite=True to replace it")
         foreign = _foreign_entries(target)
         if foreign:
-            listed = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            listed = ", ".join(repr(n) for n in foreign[:5]) + more
             raise ValueError(f"output folder {shown!r} holds {listed}, which no export wrote: an export replaces its "
                              f"folder whole and deletes nothing it did not write; accepted: a new or empty folder, or "
                              f"an earlier export (manifest.json and the files an export writes)")

@@ -9,6 +9,7 @@ value found and what is accepted.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -59,9 +60,9 @@ class _Fields:
         return value
 
     def number(self, field: str, value, low: float, high: float, low_open: bool = False) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or not (value > low if low_open else value >= low) or value > high:
-            self.fail(field, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
+            self.fail(field, value, f"a finite number in {'(' if low_open else '['}{low}, {high}]")
         return value
 
     def boolean(self, field: str, value) -> bool:

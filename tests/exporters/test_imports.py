@@ -24,7 +24,8 @@ def _imports(path: Path) -> set[str]:
                 continue
             found.update(n.split(".")[0] for n in names)
         elif isinstance(node, ast.Import):
-            found.update(a.name[len(PACKAGE) + 1:].split(".")[0] for a in node.names if a.name.startswith(PACKAGE + "."))
+            found.update(a.name[len(PACKAGE) + 1:].split(".")[0] for a in node.names
+                         if a.name.startswith(PACKAGE + "."))
     return found
 
 

@@ -71,7 +71,8 @@ def test_a_missing_or_malformed_digest_is_refused(folder):
     (lambda m: m.update(files={}), r"a sha256 entry for every file the portable engine opens.*missing: init_state"),
     (lambda m: m["files"].pop("step.onnx"), r"missing: step\.onnx"),
     (lambda m: m["parameters"][0].update(trainable=False), r"extra\.step_outputs"),
-    (lambda m: m["parameters"][0].update(trainable="yes"), r"parameters\[0\]\.trainable = 'yes'; accepted: true or false"),
+    (lambda m: m["parameters"][0].update(trainable="yes"),
+     r"parameters\[0\]\.trainable = 'yes'; accepted: true or false"),
     (lambda m: m.update(num_classes=0), r"num_classes = 0; accepted: an integer >= 2"),
     (lambda m: m.update(input_shape=[1, 0, 8]), r"input_shape\[1\] = 0"),
     (lambda m: m.update(input_shape="1x8x8"), r"input_shape = '1x8x8'"),
@@ -129,7 +130,8 @@ def test_the_ort_training_schema_is_checked(exported, tmp_path, edit, message):
         load_manifest(folder)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+SCALARS = st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8)
+JSON = st.recursive(SCALARS,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                     max_leaves=6)
 
