@@ -33,13 +33,29 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ bootstrap.sh -nt "$
   touch "$STAMP"
 fi
 
-# A second, runtime-only environment with the newest *stock* onnxruntime (what boards
-# install), used by the tests to show the portable graphs run there too.
-if [ "${1:-run}" = test ] && { [ ! -f .venv-stock-ort/.ok ] || [ pyproject.toml -nt .venv-stock-ort/.ok ]; }; then
-  echo "== creating .venv-stock-ort (numpy + stock onnxruntime, no torch)"
-  "$PYTHON" -m venv .venv-stock-ort
-  .venv-stock-ort/bin/python -m pip install -q onnxruntime numpy tqdm
-  .venv-stock-ort/bin/python -m pip install -q --no-deps -e .
+# A second, runtime-only environment: what a board installs, used by the tests to show that the
+# portable graphs and the agent run there too. It gets the package's own dependencies (pyproject.toml)
+# with their markers evaluated as on an aarch64 board: evaluated here, on x86-64, they pick
+# onnxruntime-training-cpu, which no board has (an extra cannot take a dependency away); so stock
+# onnxruntime, numpy, pyserial and tqdm, as `pip install edgecl-*.whl` gives a board.
+if [ "${1:-run}" = test ] && { [ ! -f .venv-stock-ort/.ok ] || [ pyproject.toml -nt .venv-stock-ort/.ok ] || \
+                               [ bootstrap.sh -nt .venv-stock-ort/.ok ]; }; then
+  echo "== creating .venv-stock-ort (the package's dependencies as on an aarch64 board: stock onnxruntime, no torch)"
+  "$PYTHON" -m venv --clear .venv-stock-ort
+  .venv-stock-ort/bin/python -m pip install -q packaging
+  mapfile -t board_reqs < <(.venv-stock-ort/bin/python -c '
+import tomllib
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+env = {**default_environment(), "platform_machine": "aarch64"}
+with open("pyproject.toml", "rb") as f:
+    for dep in tomllib.load(f)["project"]["dependencies"]:
+        req = Requirement(dep)
+        if req.marker is None or req.marker.evaluate(env):
+            req.marker = None
+            print(req)')
+  .venv-stock-ort/bin/python -m pip install -q "${board_reqs[@]}"
+  .venv-stock-ort/bin/python -m pip install -q --no-deps -e .  # its dependencies: the ones just installed
   touch .venv-stock-ort/.ok
 fi
 

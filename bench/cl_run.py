@@ -8,7 +8,6 @@ print a table, write JSON and a plot.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from edgecl.runtime.data import load_digits, load_fashion_mnist
 from edgecl.runtime.job import LearnerSpec, build_learner
+from edgecl.runtime.locks import folder_lock
 from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.resume import check_resume
 from edgecl.runtime.scenarios import (Scenario, digits_scenario, fashion_mnist_scenario, permuted_scenario,
@@ -73,8 +73,8 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
                                      exporter_fingerprint()]).encode())
     folder = out_dir / "artifacts" / f"{job.model}-{engine}-{key.hexdigest()[:10]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # runs side by side (bench run) export once, not into each other
+    # runs side by side (bench run) wait for the one exporting, then use its artifacts; export's own lock re-enters
+    with folder_lock(folder, wait=True, what="artifact cache folder"):
         if not (folder / "manifest.json").exists():
             export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine, masks="weights")
     return model, folder

@@ -13,11 +13,22 @@ from edgecl.bench.fresh_process import MODEL_NAMES
 
 
 def _export(args) -> int:
+    from edgecl.bench.fresh_process import check_shape, parse_shape
+
+    # every flag checked before torch is imported and anything is built or written
+    try:
+        shape = check_shape(args.model, parse_shape(args.input_shape))
+    except ValueError as e:
+        raise ValueError(f"--input-shape {args.input_shape!r}: {e}") from None
+    if args.classes < 2:
+        raise ValueError(f"--classes {args.classes}; accepted: an integer >= 2")
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed {args.seed}; accepted: an integer in [0, 2**64 - 1]")
+
     import torch
 
     from edgecl.exporters import build_model, export
 
-    shape = tuple(int(d) for d in args.input_shape.split("x"))
     model = build_model(args.model, shape, args.classes, seed=args.seed)
     result = export(model, torch.zeros(2, *shape), args.out, engine=args.engine,
                     masks="weights" if args.masks else None)
@@ -134,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--masks", action="store_true", help="mask every Conv2d/Linear weight (for sparse training)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write: new, empty, or an earlier export (replaced whole); "
+                   "a folder holding anything else is refused")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_export)
 

@@ -1,8 +1,10 @@
 """`export`: a torch model -> an artifact folder a device can train from.
 
-The folder always holds `manifest.json`, `init_state.npz` (initial parameters,
-masks and BatchNorm buffers by name), `model.onnx` (an inference model stock
-onnxruntime runs) and the engine's training graphs.
+The folder always holds `manifest.json` and its digest `manifest.sha256`,
+`init_state.npz` (initial parameters, masks and BatchNorm buffers by name),
+`model.onnx` (an inference model stock onnxruntime runs) and the engine's training
+graphs. It is written beside the output folder and moved into place whole
+(`out_folder`), by one export at a time (`edgecl.runtime.locks`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +21,16 @@ import onnx
 import torch
 from torch import nn
 
+from edgecl.runtime.locks import folder_lock
 from edgecl.runtime.manifest import Manifest, file_entries, load_manifest
 
 from .layers import activation_bytes_per_sample, layer_table
+from .onnx_files import IR_VERSION, OPSET, save_onnx
+from .ort_training import write_ort_training
+from .out_folder import check_out_dir, discard, make_temp_folder, move_into_place
+from .portable import write_portable
 from .quiet import quiet_onnx_export
-from .spec import check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
-
-OPSET = 18  # <= 21: ONNX Runtime 1.19 (last training release) and the newest both run it
-IR_VERSION = 10  # ORT 1.19.2 refuses IR 11+ (written by onnx >= 1.18)
+from .spec import check_logits, check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +85,6 @@ def exporter_fingerprint() -> str:
     return source_fingerprint([Path(__file__).parent, Path(manifest.__file__).parent], _versions())
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Write an ONNX model at the IR version every supported ORT reads."""
-    model.ir_version = min(model.ir_version, IR_VERSION)
-    onnx.save(model, str(path))
-
-
 def export_inference(model: nn.Module, example_input: torch.Tensor, path: Path, opset: int = OPSET) -> None:
     """Export `model` in eval mode to a self-contained ONNX inference model (dynamic batch)."""
     model = model.eval()
@@ -105,7 +101,8 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
     Args:
         model: a torch model made of supported layers (README); it is not modified.
         example_input: float32 tensor (N, *input_shape); N is dynamic in every graph.
-        out_dir: folder to write (created; replaced whole only once every file is written).
+        out_dir: folder to write: new, empty, or an earlier export (replaced whole once every file
+            is written, in a temporary folder beside it); anything else in it is refused, never deleted.
         engine: "portable" (standard-ONNX step graph, any ONNX Runtime) or "ort-training".
         masks: None, "weights" (all Conv2d/Linear weights), parameter names, or name -> 0/1 array.
             Masked weights enter the graphs as weight * mask; masks can be replaced at run time.
@@ -116,58 +113,59 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
     Returns:
         ArtifactSet with the folder and its manifest (files and their sha256).
     Raises:
-        UnsupportedModelError: an unsupported layer or op, before any file is written.
-        ValueError / KeyError: bad engine, masks or trainable names.
+        UnsupportedModelError: an unsupported layer or op, or outputs that are not (N, classes) logits,
+            before any file is written.
+        ValueError / KeyError: bad engine, example input, masks or trainable names; an output folder
+            that is a file, holds what no export wrote, or holds the working folder.
+        FolderBusyError: another export is writing the same output folder.
     """
     if engine not in ("portable", "ort-training"):
         raise ValueError(f"engine={engine!r}; accepted: 'portable', 'ort-training'")
     if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32 or example_input.ndim < 2:
         raise ValueError("example_input must be a float32 torch.Tensor of shape (N, *input_shape)")
+    if min(example_input.shape) < 1:
+        raise ValueError(f"example_input has shape {tuple(example_input.shape)}; accepted: (N, *input_shape) with "
+                         "every dimension >= 1")
     if not 13 <= opset <= 21:
         raise ValueError(f"opset={opset}; accepted: 13..21")
+    target = check_out_dir(out_dir, overwrite)  # before any work: a refused folder costs nothing
     check_supported(model)
     model = _copy_for_export(model)
     check_ops(_copy_for_export(model), example_input)  # a copy: a training forward moves BN statistics
+    num_classes = check_logits(model, example_input)
     mask_arrays = resolve_masks(model, masks)
     trainable_names = resolve_trainable(model, trainable)
     params, buffers = tensor_specs(model, mask_arrays, trainable_names)
-    with torch.no_grad():
-        num_classes = int(model.eval()(example_input).shape[1])
     model.train()
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{str(out_dir)!r} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        if engine == "portable":
-            from .portable import write_portable as writer
-        else:
-            from .ort_training import write_ort_training as writer
-        files, extra = writer(model, example_input, tmp, params, buffers, mask_arrays, opset=opset, dropout=dropout)
-        # for FLOPs counting and the memory budget on the device, which has no torch
-        extra = {**extra, "layers": layer_table(model, example_input),
-                 "activation_bytes_per_sample": activation_bytes_per_sample(model, example_input)}
-        export_inference(_copy_for_export(model), example_input, tmp / "model.onnx", opset)
-        state = {f"param::{n}": p.detach().numpy() for n, p in model.named_parameters()}
-        state.update({f"mask::{n}": m for n, m in mask_arrays.items()})
-        state.update({f"buffer::{b.name}": dict(model.named_buffers())[b.name].detach().numpy() for b in buffers})
-        np.savez(tmp / "init_state.npz", **state)
-        names = sorted(set(files) | {"model.onnx", "init_state.npz"})
-        manifest = Manifest(engine=engine, input_shape=tuple(example_input.shape[1:]), num_classes=num_classes,
-                            parameters=params, buffers=buffers, files=file_entries(tmp, names), opset=opset,
-                            ir_version=IR_VERSION, versions={**_versions(), "edgecl.exporters": exporter_fingerprint()},
-                            model_name=type(model).__name__, extra=extra)
-        manifest.write(tmp)
-        load_manifest(tmp)  # round-trip check before the folder goes live
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ArtifactSet(out_dir, load_manifest(out_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(target, what="output folder"):  # a second export into the same folder is refused at once
+        target = check_out_dir(out_dir, overwrite)  # again, now that no other export can change it
+        tmp = make_temp_folder(target)
+        try:
+            writer = write_portable if engine == "portable" else write_ort_training
+            files, extra = writer(model, example_input, tmp, params, buffers, mask_arrays, opset=opset, dropout=dropout)
+            # for FLOPs counting and the memory budget on the device, which has no torch
+            extra = {**extra, "layers": layer_table(model, example_input),
+                     "activation_bytes_per_sample": activation_bytes_per_sample(model, example_input)}
+            export_inference(_copy_for_export(model), example_input, tmp / "model.onnx", opset)
+            state = {f"param::{n}": p.detach().numpy() for n, p in model.named_parameters()}
+            state.update({f"mask::{n}": m for n, m in mask_arrays.items()})
+            state.update({f"buffer::{b.name}": dict(model.named_buffers())[b.name].detach().numpy() for b in buffers})
+            np.savez(tmp / "init_state.npz", **state)
+            names = sorted(set(files) | {"model.onnx", "init_state.npz"})
+            manifest = Manifest(engine=engine, input_shape=tuple(example_input.shape[1:]), num_classes=num_classes,
+                                parameters=params, buffers=buffers, files=file_entries(tmp, names), opset=opset,
+                                ir_version=IR_VERSION,
+                                versions={**_versions(), "edgecl.exporters": exporter_fingerprint()},
+                                model_name=type(model).__name__, extra=extra)
+            manifest.write(tmp)
+            load_manifest(tmp)  # round-trip check before the folder goes live
+            move_into_place(tmp, target)
+        except BaseException:
+            discard(tmp)
+            raise
+        return ArtifactSet(Path(out_dir), load_manifest(target))
 
 
 def _copy_for_export(model: nn.Module) -> nn.Module:

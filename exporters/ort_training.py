@@ -35,6 +35,9 @@ Facts this module works around (onnxruntime-training 1.19.2, torch 2.13, onnx 1.
 - ORT's gradient of SoftmaxCrossEntropyLoss reads its optional log_prob output, which ORT
   adds for some graphs only (mlp and cnn fail in the gradient builder without it): the
   forward graph always declares it;
+- ORT's AveragePoolGrad takes its output shape from the graph, batch dimension 0, and a layer
+  before an average pool then kills the process with SIGFPE: the training graph computes average
+  pools as depthwise convolutions with fixed weights instead (`pool_rewrite`);
 - onnx >= 1.18 writes IR versions ORT 1.19.2 refuses: every file is rewritten at IR 10.
 """
 
@@ -57,7 +60,8 @@ from edgecl.runtime.errors import UnsupportedModelError
 from edgecl.runtime.manifest import TensorSpec
 from edgecl.runtime.optim import OptimizerConfig
 
-from .export import save_onnx
+from .onnx_files import save_onnx
+from .pool_rewrite import average_pools_as_convolutions
 
 TRAIN_INPUTS = ("x", "y", "sample_weight", "target_logits", "logit_weight")
 EVAL_INPUTS = ("x",)
@@ -342,6 +346,7 @@ def write_ort_training(model: nn.Module, example_input: torch.Tensor, folder: Pa
                                 torch.onnx.TrainingMode.TRAINING, opset)
     _rename_initializers(train_proto, rename, values)
     _add_log_prob_outputs(train_proto)
+    average_pools_as_convolutions(train_proto)
     updated = _add_batchnorm_outputs(train_proto, layers)
     eval_proto = _export_graph(masked, (x,), EVAL_INPUTS, ("logits",), torch.onnx.TrainingMode.EVAL, opset)
     _rename_initializers(eval_proto, {k.removeprefix("masked."): v for k, v in rename.items()}, values)

@@ -32,6 +32,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from edgecl.runtime.manifest import TensorSpec
 
 from .backward_ops import decomposition_table, onnx_translations
+from .onnx_files import save_onnx
 from .quiet import quiet_onnx_export
 
 BATCH_INPUTS = ("x", "y", "sample_weight", "target_logits", "logit_weight")
@@ -184,10 +185,7 @@ def _export_graph(fn, args, n_batch_args: int, input_names, output_names, path: 
         program = torch.onnx.export(traced, tuple(args), dynamo=True, optimize=False, opset_version=opset,
                                     dynamic_shapes=dynamic, verbose=False,
                                     custom_translation_table=onnx_translations())
-    proto = _rename_io(program.model_proto, list(input_names), list(output_names))
-    from .export import save_onnx
-
-    save_onnx(proto, path)
+    save_onnx(_rename_io(program.model_proto, list(input_names), list(output_names)), path)
 
 
 def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, params: tuple[TensorSpec, ...],

@@ -53,6 +53,29 @@ def check_supported(model: nn.Module) -> None:
             raise UnsupportedModelError(f"layer {path!r} is AvgPool2d with ceil_mode/divisor_override; supported: neither")
 
 
+def check_logits(model: nn.Module, example_input: torch.Tensor) -> int:
+    """The number of classes: the width of the model's output, which must be (N, classes) float logits.
+
+    Raises:
+        UnsupportedModelError: any other output (a tuple, a feature map, one column), naming its shape.
+    """
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_input)
+    finally:
+        model.train(was_training)
+    n = example_input.shape[0]
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.ndim != 2 or out.shape[0] != n \
+            or out.shape[1] < 2:
+        raise UnsupportedModelError(
+            f"model output is {shape}{f' {out.dtype}' if isinstance(out, torch.Tensor) else ''} for an input of "
+            f"shape {tuple(example_input.shape)}; accepted: float32 logits of shape ({n}, classes) with classes >= 2 "
+            "(end the model with a Linear layer, or Flatten after a pool to 1x1)")
+    return int(out.shape[1])
+
+
 def default_mask_names(model: nn.Module) -> list[str]:
     """Weights of every Conv2d and Linear layer: what SparCL sparsifies."""
     return [f"{path}.weight" if path else "weight" for path, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

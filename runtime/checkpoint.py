@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import ArtifactError, CheckpointFormatError
 from .files import TMP_PREFIX, fsync_dir, write_atomic
-from .folder_lock import FolderLock
+from .locks import FolderLock
 from .manifest import sha256_file
 from .rng_state import rng_from_state_array, rng_state_array  # noqa: F401  (public here: a Generator in a part)
 

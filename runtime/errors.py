@@ -18,7 +18,7 @@ class UnsupportedModelError(EdgeclError, ValueError):
 
 
 class FolderBusyError(EdgeclError):
-    """Another process is writing the folder (it holds the folder's lock file): one writer per folder."""
+    """Another process or thread is writing the folder (it holds the folder's lock file): one writer per folder."""
 
 
 class CheckpointFormatError(ArtifactError):

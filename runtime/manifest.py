@@ -1,7 +1,10 @@
 """The artifact contract between exporter (host) and engines (device): `manifest.json`.
 
-The exporter writes one manifest per artifact folder; the runtime reads it, checks
-every listed file against its sha256 before any file is used, and builds an engine.
+The exporter writes one manifest per artifact folder, and beside it `manifest.sha256`, the
+manifest's own sha256 (in `sha256sum` format). The runtime checks that digest first, then
+the manifest's schema (`manifest_schema`), then every listed file against its sha256, before
+any file is used; only then does it build an engine. An edited manifest (an emptied `files`
+table, a flipped `trainable`) is refused by name instead of switching its own checks off.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from .errors import ArtifactError
+from .manifest_schema import check_manifest_dict
 
 MANIFEST_NAME = "manifest.json"
+DIGEST_NAME = "manifest.sha256"  # "<sha256 of manifest.json>  manifest.json", as `sha256sum` writes it
 FORMAT_VERSION = 1
 # "torch" is the host-only reference engine (edgecl.exporters.reference); it never has artifacts.
 ENGINES = ("portable", "ort-training", "torch")
@@ -102,22 +108,29 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Manifest:
-        try:
-            version = d.get("format_version", FORMAT_VERSION)
-            if version != FORMAT_VERSION:
-                raise ArtifactError(f"manifest format_version {version} is not supported; accepted: {FORMAT_VERSION}")
-            fields = dict(d)
-            fields["parameters"] = tuple(TensorSpec(**p) for p in d["parameters"])
-            fields["buffers"] = tuple(TensorSpec(**b) for b in d.get("buffers", ()))
-            fields["files"] = {k: FileEntry(**v) for k, v in d.get("files", {}).items()}
-            return cls(**fields)
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(f"manifest is malformed: {e!r}") from e
+    def from_dict(cls, d, where: str = "manifest") -> Manifest:
+        """The manifest of a parsed `manifest.json`, after checking its whole schema.
+
+        Raises:
+            ArtifactError: naming `where`, the field, the value found and what is accepted.
+        """
+        version = d.get("format_version") if isinstance(d, dict) else None
+        if isinstance(d, dict) and version != FORMAT_VERSION:
+            raise ArtifactError(f"manifest {where}: format_version {version!r} is not supported; "
+                                f"accepted: {FORMAT_VERSION} (export the artifacts again)")
+        check_manifest_dict(d, where)
+        fields = dict(d)
+        fields["parameters"] = tuple(TensorSpec(**p) for p in d["parameters"])
+        fields["buffers"] = tuple(TensorSpec(**b) for b in d["buffers"])
+        fields["files"] = {k: FileEntry(**v) for k, v in d["files"].items()}
+        return cls(**fields)
 
     def write(self, folder: str | Path) -> Path:
+        """Write `manifest.json` and its digest `manifest.sha256` into `folder`; returns the manifest's path."""
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False))
+        data = json.dumps(self.to_dict(), indent=2, sort_keys=False).encode()
+        path.write_bytes(data)
+        (Path(folder) / DIGEST_NAME).write_text(f"{hashlib.sha256(data).hexdigest()}  {MANIFEST_NAME}\n")
         return path
 
 
@@ -134,22 +147,48 @@ def file_entries(folder: str | Path, names: list[str]) -> dict[str, FileEntry]:
     return {n: FileEntry(sha256_file(folder / n), (folder / n).stat().st_size) for n in names}
 
 
-def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
-    """Read `manifest.json` from an artifact folder and check every file it lists.
+def _check_digest(folder: Path, data: bytes) -> None:
+    """Compare `manifest.json`'s bytes with `manifest.sha256` beside it."""
+    digest_path = folder / DIGEST_NAME
+    manifest_path = folder / MANIFEST_NAME
+    if not digest_path.is_file():
+        raise ArtifactError(f"no {DIGEST_NAME} beside {str(manifest_path)!r} (the manifest's own sha256; folders "
+                            f"exported by an older edgecl lack it): export the artifacts again")
+    try:
+        recorded, name = digest_path.read_text().split()
+    except (UnicodeDecodeError, ValueError):
+        recorded, name = "", ""
+    if name != MANIFEST_NAME or not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        raise ArtifactError(f"{str(digest_path)!r} is malformed; accepted: one line '<64 hex digits>  "
+                            f"{MANIFEST_NAME}': export the artifacts again")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != recorded:
+        raise ArtifactError(f"{str(manifest_path)!r} has sha256 {actual[:16]}..., {DIGEST_NAME} expects "
+                            f"{recorded[:16]}...: the manifest was edited or damaged; export the artifacts again")
 
+
+def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
+    """Read `manifest.json` from an artifact folder, after checking its own sha256, and check every file it lists.
+
+    Args:
+        verify: also check every listed file's sha256 (False: the manifest alone, e.g. to read its
+            layer table).
     Raises:
-        ArtifactError: the folder or manifest is missing or malformed, a listed file is
+        ArtifactError: the folder, the manifest or its digest is missing, the manifest was edited
+            (its sha256 differs from `manifest.sha256`) or breaks the schema, a listed file is
             missing, or its sha256 differs from the one recorded at export time.
     """
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"no {MANIFEST_NAME} in {str(folder)!r}; export artifacts there with edgecl.exporters.export")
+    data = path.read_bytes()
+    _check_digest(folder, data)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{str(path)!r} is not valid JSON: {e}") from e
-    manifest = Manifest.from_dict(raw)
+    manifest = Manifest.from_dict(raw, repr(str(path)))
     if verify:
         for name, entry in manifest.files.items():
             f = folder / name

@@ -203,13 +203,47 @@ def test_artifact_with_an_altered_manifest_file_is_refused(line, agent, payload)
 
 
 def synthetic_artifact(folder, seed: int):
-    """An artifact folder the agent accepts: a 70 kB file and a manifest with its sha256."""
-    from edgecl.runtime.manifest import Manifest, file_entries
+    """An artifact folder the agent accepts: a 70 kB file, the files a portable manifest must list (random
+    bytes: the agent checks their sha256, it does not open them) and a manifest with their sha256."""
+    from edgecl.runtime.manifest import Manifest, TensorSpec, file_entries
 
     folder.mkdir(parents=True)
-    (folder / "weights.bin").write_bytes(np.random.default_rng(seed).bytes(70_000))
-    Manifest("portable", (1, 8, 8), 10, (), files=file_entries(folder, ["weights.bin"])).write(folder)
+    rng = np.random.default_rng(seed)
+    (folder / "weights.bin").write_bytes(rng.bytes(70_000))
+    names = ["weights.bin", "init_state.npz", "model.onnx", "step.onnx", "forward.onnx"]
+    for name in names[1:]:
+        (folder / name).write_bytes(rng.bytes(64))
+    state = ["param::w"]
+    extra = {"step_inputs": ["x", "y", "sample_weight", "target_logits", "logit_weight", *state],
+             "step_outputs": ["loss", "logits", "grad::w"], "forward_inputs": ["x", *state]}
+    Manifest("portable", (1, 8, 8), 10, (TensorSpec("w", (10, 64)),), files=file_entries(folder, names),
+             extra=extra).write(folder)
     return folder
+
+
+@pytest.mark.parametrize("fault", ["manifest-edited", "digest-missing"])
+def test_artifact_whose_manifest_does_not_match_its_digest_is_refused(line, agent, tmp_path, fault):
+    import json
+
+    folder = synthetic_artifact(tmp_path / "art", 0)
+    if fault == "manifest-edited":  # every file's sha256 still checks; the manifest's own does not
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "files": {}}))
+    else:
+        (folder / "manifest.sha256").unlink()
+    with host(line) as board:
+        with pytest.raises(AgentError, match=r"ArtifactError.*manifest"):
+            board.push(folder, "artifact", "bad", chunk_bytes=CHUNK)
+    assert not (agent.workdir / "artifacts" / "bad").exists()
+
+
+def test_a_kept_artifact_keeps_its_manifest_digest(line, agent, tmp_path):
+    folder = synthetic_artifact(tmp_path / "art", 0)
+    with host(line) as board:
+        board.push(folder, "artifact", "good", chunk_bytes=CHUNK)
+    kept = agent.workdir / "artifacts" / "good"
+    assert (kept / "manifest.sha256").read_bytes() == (folder / "manifest.sha256").read_bytes()
+    load_manifest(kept)
 
 
 def test_agent_killed_mid_transfer_then_restarted(line, tmp_path):

@@ -46,11 +46,15 @@ class _Residual(nn.Module):
         return self.head(torch.relu(self.a(x)) + x)
 
 
+ENGINES = ["portable", pytest.param("ort-training", marks=pytest.mark.ort_training)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("make", [_conv_variants, _pools, _Residual], ids=["conv", "pool-bn-dropout", "residual"])
-def test_layer_gradients_and_steps_match_torch(tmp_path, make):
+def test_layer_gradients_and_steps_match_torch(tmp_path, make, engine):
     torch.manual_seed(0)
     model = perturb_batchnorm(make())
-    export(model, torch.randn(4, 2, 9, 9), tmp_path / "a", masks="weights")
+    export(model, torch.randn(4, 2, 9, 9), tmp_path / "a", engine=engine, masks="weights")
     eng = open_engine(tmp_path / "a", SGD)
     ref = TorchEngine.from_artifacts(model, tmp_path / "a", SGD)
     rng = np.random.default_rng(1)
@@ -67,16 +71,17 @@ def test_layer_gradients_and_steps_match_torch(tmp_path, make):
     assert rel_err(eng.evaluate(x), ref.evaluate(x)) <= 1e-4
 
 
-def test_dropout_is_off_unless_asked_and_random_when_asked(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dropout_is_off_unless_asked_and_random_when_asked(tmp_path, engine):
     from edgecl.exporters.models import build_model
 
     model = build_model("mlp", dropout=0.5)
     x = np.random.default_rng(0).standard_normal((16, 1, 8, 8), dtype=np.float32)
     y = np.arange(16) % 10
-    export(model, torch.randn(4, 1, 8, 8), tmp_path / "off")
+    export(model, torch.randn(4, 1, 8, 8), tmp_path / "off", engine=engine)
     off = open_engine(tmp_path / "off")
     assert off.loss_and_grads(x, y)[0] == off.loss_and_grads(x, y)[0]
-    export(model, torch.randn(4, 1, 8, 8), tmp_path / "on", dropout=True)
+    export(model, torch.randn(4, 1, 8, 8), tmp_path / "on", engine=engine, dropout=True)
     on = open_engine(tmp_path / "on")
     losses = {on.loss_and_grads(x, y)[0] for _ in range(4)}
     assert len(losses) > 1
@@ -127,3 +132,67 @@ def test_bad_export_arguments(tmp_path):
     with pytest.raises(KeyError, match="not parameters"):
         export(m, torch.randn(2, 1, 8, 8), tmp_path / "a", trainable=["nope"])
     assert not any(tmp_path.iterdir())
+
+
+# Run in a child process: before average pools were rewritten for the ort-training graph, ORT's
+# AveragePoolGrad took its output shape from the graph, batch dimension 0, and the step died of SIGFPE.
+AVG_POOL_SCRIPT = """
+import json, sys
+import numpy as np, torch
+from torch import nn
+import torch.nn.functional as F
+from edgecl.exporters import export
+from edgecl.exporters.reference import TorchEngine
+from edgecl.runtime import OptimizerConfig, open_engine
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(x), 3, stride=2, padding=1, count_include_pad=False).flatten(1)
+
+pools = {"k2": lambda: nn.AvgPool2d(2), "k3-s1-p1": lambda: nn.AvgPool2d(3, stride=1, padding=1),
+         "k3-s2-p1-exclude-pad": lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+         "k2x3-s1x2": lambda: nn.AvgPool2d((2, 3), stride=(1, 2))}
+out = {}
+for name, size in [("smallest", 2), *((n, 5) for n in pools), ("functional", 5)]:
+    torch.manual_seed(0)
+    if name == "functional":
+        model = Functional()
+    else:
+        pool = pools.get(name, lambda: nn.AvgPool2d(2))()
+        with torch.no_grad():
+            width = pool(torch.zeros(1, 2, size, size)).numel()
+        layers = [nn.Conv2d(1, 2, 1, bias=False), pool, nn.Flatten()]
+        model = nn.Sequential(*layers) if width == 2 else nn.Sequential(*layers, nn.Linear(width, 3))
+    folder = f"{sys.argv[1]}/{name}"
+    export(model, torch.randn(2, 1, size, size), folder, engine="ort-training")
+    sgd = OptimizerConfig("sgd", lr=0.1)
+    eng, ref = open_engine(folder, sgd), TorchEngine.from_artifacts(model, folder, sgd)
+    x = np.random.default_rng(0).standard_normal((5, 1, size, size)).astype(np.float32)
+    y = np.arange(5) % eng.manifest.num_classes
+    errs = []
+    for _ in range(3):
+        (loss, grads), (ref_loss, ref_grads) = eng.loss_and_grads(x, y), ref.loss_and_grads(x, y)
+        errs.append(abs(loss - ref_loss) / abs(ref_loss))
+        errs += [float(np.abs(grads[k] - ref_grads[k]).max() / np.abs(ref_grads[k]).max()) for k in ref_grads]
+        eng.apply_gradients(grads)
+        ref.apply_gradients(ref_grads)
+    out[name] = max(errs)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.ort_training
+def test_ort_training_trains_a_layer_before_an_average_pool(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", AVG_POOL_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"smallest", "k2", "k3-s1-p1", "k3-s2-p1-exclude-pad", "k2x3-s1x2", "functional"}
+    assert max(errors.values()) <= 1e-4, errors

@@ -1,4 +1,4 @@
-"""One writer per folder (FolderLock), as checkpoints use it: a second writer refused naming the folder."""
+"""One writer per folder (locks.FolderLock), as checkpoints use it: a second writer refused naming the folder."""
 
 from __future__ import annotations
 
