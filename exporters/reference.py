@@ -209,7 +209,7 @@ class TorchEngine(Engine):
                 for n, shape in self.trainable_shapes.items() for slot, spec in slots.items()}
 
     @torch.no_grad()
-    def _load_state_arrays(self, arrays):
+    def _load_state_arrays(self, arrays, source):
         own_buffers = dict(self.model.named_buffers())
         for key, val in arrays.items():
             kind, rest = key.split("::", 1)

@@ -185,7 +185,7 @@ class Engine:
         check_state_masks({n: arrays[f"param::{n}"] for n in self.mask_shapes},
                           {n: arrays[f"mask::{n}"] for n in self.mask_shapes}, source)
         self._check_optimizer_state(arrays, steps, source)
-        self._load_state_arrays(arrays)
+        self._load_state_arrays(arrays, source)
         self.steps_done = steps
 
     def save(self, path: str | Path) -> Path:
@@ -331,6 +331,6 @@ class Engine:
         """Raise ArtifactError for optimizer values this optimizer could not have written."""
         check_optimizer_values(arrays, steps, source)
 
-    def _load_state_arrays(self, arrays) -> None:
-        """Swap in a state that passed every check: must not fail half-way."""
+    def _load_state_arrays(self, arrays: dict[str, np.ndarray], source: str) -> None:
+        """Swap in a state that passed every check: it must not fail half-way (ArtifactError before any change)."""
         raise NotImplementedError

@@ -187,13 +187,15 @@ def adamw_ratio_bound(betas: tuple[float, float], step: int) -> float:
 
 def update_bound(config: OptimizerConfig, lr: float, step: int, w_max: float, g_max: float,
                  momentum_max: float | None = None, exp_avg_max: float | None = None) -> float:
-    """An upper bound on every magnitude one optimizer step of one tensor computes, the new weights included.
+    """An upper bound on |w| after one optimizer step of one tensor and on each new term the step computes.
 
     From the largest |w| and |g| of the tensor, and the largest |momentum buffer| (SGD) or
-    |exp_avg| (AdamW) where the engine can read them (None: not read, or not there yet): if the
-    bound is below float32's maximum, the step cannot overflow. AdamW's |m_hat| / (sqrt(v_hat) + eps)
-    is bounded by `adamw_ratio_bound`, so an engine whose moments are hidden (onnxruntime-training)
-    is covered too. The formulas are those of `NumpyOptimizer.step` (torch's).
+    |exp_avg| (AdamW) where the engine can read them (None: not read, or not there yet). The new
+    terms are g + wd * w, the momentum buffer, lr * direction, g^2, ...; AdamW's moments are convex
+    combinations of their finite old values and g, g^2. So below float32's maximum, the step cannot
+    overflow. AdamW's |m_hat| / (sqrt(v_hat) + eps) is bounded by `adamw_ratio_bound`, so an engine
+    whose moments are hidden (onnxruntime-training) is covered too. The formulas are those of
+    `NumpyOptimizer.step` (torch's).
 
     Args:
         step: the index of this step, 1 for the first.

@@ -124,8 +124,12 @@ class OrtTrainingEngine(Engine):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
-    def _open(self, checkpoint: Path) -> None:
-        """Build CheckpointState, Module and Optimizer (replacing the current ones only on success)."""
+    def _open(self, checkpoint: Path, what: str = "") -> None:
+        """Build CheckpointState, Module and Optimizer (replacing the current ones only on success).
+
+        Args:
+            what: the checkpoint's name in an error message (default: the artifact folder's).
+        """
         api = self._api
         try:
             state = api.CheckpointState.load_checkpoint(checkpoint)
@@ -141,7 +145,8 @@ class OrtTrainingEngine(Engine):
             finally:
                 self._options.log_severity_level = level
         except Exception as e:  # ORT raises RuntimeError / its own Fail types for bad files
-            raise ArtifactError(f"onnxruntime-training cannot load the artifacts in {str(self._dir)!r}: {e}") from e
+            what = what or f"the artifacts in {str(self._dir)!r}"
+            raise ArtifactError(f"onnxruntime-training cannot load {what}: {e}") from e
         expected = self.manifest.extra.get("train_inputs")
         if module.input_names() != expected:
             raise ArtifactError(f"training graph inputs are {module.input_names()}; the manifest says {expected}")
@@ -284,12 +289,13 @@ class OrtTrainingEngine(Engine):
             return {}
         return {f"optim::momentum_buffer::{n}": (s, np.dtype(np.float32)) for n, s in self.trainable_shapes.items()}
 
-    def _load_state_arrays(self, arrays) -> None:
+    def _load_state_arrays(self, arrays, source) -> None:
         if ADAMW_STATE_KEY in arrays:  # an unreadable checkpoint raises in _open before anything is replaced
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "checkpoint"
                 path.write_bytes(arrays[ADAMW_STATE_KEY].tobytes())
-                self._open(path)  # ORT restores moments and step count only when it builds the Optimizer
+                # ORT restores moments and step count only when it builds the Optimizer
+                self._open(path, f"{ADAMW_STATE_KEY} of engine state {source}")
         self._momentum = {k.split("::", 2)[2]: v.copy() for k, v in arrays.items()
                           if k.startswith("optim::momentum_buffer::")}
         graph_names = {"param": self._graph, "mask": self._mask_graph, "buffer": self._buffer_graph}

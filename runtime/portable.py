@@ -128,7 +128,7 @@ class PortableEngine(Engine):
         except ValueError as e:
             raise ArtifactError(f"engine state {source}: optim_meta holds {e}") from None
 
-    def _load_state_arrays(self, arrays):
+    def _load_state_arrays(self, arrays, source):
         self._params = {n: arrays[f"param::{n}"].copy() for n in self.param_shapes}
         self._masks = {n: arrays[f"mask::{n}"].copy() for n in self.mask_shapes}
         self._buffers = {n: arrays[f"buffer::{n}"].copy() for n in self._buffers}

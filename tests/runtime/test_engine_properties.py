@@ -1,0 +1,431 @@
+"""Property: every input an engine refuses raises a specific error naming the value, and changes nothing.
+
+Hypothesis draws bad batches, named arrays, learning rates, states and paths for each `Engine`
+method; each example asserts the exception type, a message naming the argument and the value,
+and a bit-identical engine state afterwards (parameters, masks, running statistics, optimizer
+state, steps_done and the learning rate: `engine_state.snapshot`). The engines are the portable
+one (also under emulated aarch64), ort-training and the torch reference, each on a model with
+BatchNorm and SGD with momentum, and on one without and AdamW, after two steps, with masks of
+zeros and ones, so every part of the state is live.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgecl.runtime import ArtifactError, BatchError, OptimizerConfig
+from edgecl.runtime.optim import FLOAT32_MAX, NumpyOptimizer, update_bound
+from tests.helpers import IN_SHAPE, batch
+from tests.runtime.engine_state import assert_unchanged, open_test_engine, snapshot
+
+SGD_MOMENTUM = OptimizerConfig("sgd", lr=0.03, momentum=0.9, weight_decay=1e-4)
+ADAMW = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01)
+K = 10  # classes of the test models
+EXAMPLES = settings(max_examples=60, deadline=None)
+
+ENGINES = [
+    pytest.param(("portable", "resnet", SGD_MOMENTUM), id="portable-resnet-sgd"),
+    pytest.param(("portable", "cnn", ADAMW), id="portable-cnn-adamw"),
+    pytest.param(("ort-training", "resnet", SGD_MOMENTUM), id="ort-resnet-sgd", marks=pytest.mark.ort_training),
+    pytest.param(("ort-training", "cnn", ADAMW), id="ort-cnn-adamw", marks=pytest.mark.ort_training),
+    pytest.param(("torch", "resnet", SGD_MOMENTUM), id="torch-resnet-sgd", marks=pytest.mark.torch),
+    pytest.param(("torch", "cnn", ADAMW), id="torch-cnn-adamw", marks=pytest.mark.torch),
+]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, exported):
+    kind, family, optimizer = request.param
+    engine = open_test_engine(exported, kind, family, optimizer)
+    rng = np.random.default_rng(0)
+    engine.set_masks({n: (rng.random(s) < 0.7).astype(np.float32) for n, s in engine.mask_shapes.items()})
+    for _ in range(2):
+        engine.step(*batch(rng, 8))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("states")
+
+
+def index_in(draw, shape: tuple) -> tuple[int, ...]:
+    return tuple(draw(st.integers(0, d - 1)) for d in shape)
+
+
+def f32(v: float) -> float:
+    """The float32 nearest to v (hypothesis wants float32 bounds exact)."""
+    return float(np.float32(v))
+
+
+def esc(value) -> str:
+    return re.escape(str(value))
+
+
+def refuses(engine, call, exception, message: str) -> None:
+    """`call()` raises `exception` matching `message`, and the engine is as it was."""
+    before = snapshot(engine)
+    with pytest.raises(exception, match=message):
+        call()
+    assert_unchanged(before, engine)
+
+
+NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789._:- "  # KeyError's message is a repr: no quotes, backslashes
+NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
+# float64 values float32 cannot hold (3.4028235e38 is float32's largest).
+BEYOND_FLOAT32 = st.floats(3.5e38, 1e300).flatmap(lambda v: st.sampled_from([v, -v]))
+OTHER_DTYPES = st.sampled_from([np.int8, np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128,
+                                object, "U3"])
+
+
+# --- batches: step, loss_and_grads, evaluate --------------------------------------
+@st.composite
+def bad_batches(draw, bn: bool):
+    """(method, args, message): a batch with one defect."""
+    n = draw(st.integers(2, 6))
+    x, y = batch(np.random.default_rng(draw(st.integers(0, 2**16))), n)
+    defects = ["x-dtype", "x-shape", "x-rank", "x-type", "x-non-finite", "y-dtype", "y-shape", "y-range", "weights"]
+    defect = draw(st.sampled_from(defects + (["x-overflow"] if bn else [])))
+    method = draw(st.sampled_from(["step", "loss_and_grads"] + (["evaluate"] if defect.startswith("x-") and
+                                                                  defect != "x-overflow" else [])))
+    args = [x, y]
+    if defect == "x-dtype":
+        dtype = draw(st.sampled_from([np.float64, np.float16, np.int32, np.uint8, np.bool_, np.complex64, object]))
+        args[0] = x.astype(dtype)
+        message = rf"x\.dtype is {esc(np.dtype(dtype))}; accepted: float32"
+    elif defect == "x-shape":
+        axis = draw(st.integers(1, len(IN_SHAPE)))
+        size = draw(st.integers(1, 12).filter(lambda s: s != x.shape[axis]))
+        args[0] = np.zeros(x.shape[:axis] + (size,) + x.shape[axis + 1:], np.float32)
+        message = rf"x\.shape is {esc(args[0].shape)}; accepted: {esc((n, *IN_SHAPE))}"
+    elif defect == "x-rank":
+        args[0] = draw(st.sampled_from([x[0], x[..., None], x.reshape(n, -1)] + ([x[:0]] if method != "evaluate" else [])))
+        message = rf"x has shape {esc(args[0].shape)}; accepted: \(N, {esc(', '.join(map(str, IN_SHAPE)))}\)"
+    elif defect == "x-type":
+        args[0] = draw(st.sampled_from([x.tolist(), None, 1.0, "x"]))
+        message = rf"x has shape {type(args[0]).__name__}"
+    elif defect == "x-non-finite":
+        i, v = index_in(draw, x.shape), draw(NON_FINITE)
+        x[i] = v
+        message = rf"x holds a non-finite value {v} at index {esc(i)}; accepted: finite values only"
+    elif defect == "x-overflow":  # finite, but BatchNorm's batch variance overflows float32
+        args[0] = (np.sign(x) * 10 ** draw(st.floats(19.5, 38.5))).astype(np.float32)
+        message = r"the batch gives a non-finite .* the call was refused and the engine is unchanged"
+    elif defect == "y-dtype":
+        dtype = draw(st.sampled_from([np.float32, np.float64, np.bool_, np.complex64, object]))
+        args[1] = y.astype(dtype)
+        message = rf"y has dtype {esc(np.dtype(dtype))}; accepted: an integer numpy array of shape \({n},\)"
+    elif defect == "y-shape":
+        args[1] = draw(st.sampled_from([y[:-1], np.concatenate([y, y[:1]]), y[:, None]]))
+        message = rf"y\.shape is {esc(args[1].shape)}; accepted: \({n},\)"
+    elif defect == "y-range":
+        i, v = draw(st.integers(0, n - 1)), draw(st.one_of(st.integers(-(2**62), -1), st.integers(K, 2**62)))
+        y[i] = v
+        message = rf"y\[{i}\] = {v} is out of range; accepted: labels in \[0, {K - 1}\]"
+    else:  # "weights"
+        name = draw(st.sampled_from(["sample_weight", "target_logits", "logit_weight"]))
+        shape = (n, K) if name == "target_logits" else (n,)
+        value = np.full(shape, 0.1, np.float32)
+        how = draw(st.sampled_from(["dtype", "shape", "non-finite"]))
+        if how == "dtype":
+            value = value.astype(np.float64)
+            message = rf"{name}\.dtype is float64; accepted: float32"
+        elif how == "shape":
+            value = value[:-1]
+            message = rf"{name}\.shape is {esc(value.shape)}; accepted: {esc(shape)}"
+        else:
+            i, v = index_in(draw, shape), draw(NON_FINITE)
+            value[i] = v
+            message = rf"{name} holds a non-finite value {v} at index {esc(i)}"
+        args += [value if name == n_ else None for n_ in ("sample_weight", "target_logits", "logit_weight")]
+    if method == "evaluate":
+        args = args[:1]
+    return method, args, message
+
+
+@EXAMPLES
+@given(data=st.data())
+def test_bad_batches_are_refused_by_name(engine, data):
+    bn = bool(engine.buffers())
+    method, args, message = data.draw(bad_batches(bn))
+    refuses(engine, lambda: getattr(engine, method)(*args), BatchError, message)
+
+
+# --- named arrays: set_parameters, set_masks, apply_gradients --------------------
+@st.composite
+def bad_named_arrays(draw, engine):
+    """(method, argument, exception, message): a name -> array dict with one defect."""
+    method = draw(st.sampled_from(["set_parameters", "set_masks", "apply_gradients"]))
+    kind, specs = {"set_parameters": ("parameter", engine.param_shapes), "set_masks": ("mask", engine.mask_shapes),
+                   "apply_gradients": ("gradient", engine.trainable_shapes)}[method]
+    current = {"set_parameters": engine.parameters, "set_masks": engine.masks,
+               "apply_gradients": lambda: {n: np.zeros(s, np.float32) for n, s in engine.trainable_shapes.items()}}
+    values = current[method]()
+    if method != "apply_gradients":  # a subset is accepted
+        values = {n: values[n] for n in draw(st.lists(st.sampled_from(sorted(values)), min_size=1, unique=True))}
+    name = draw(st.sampled_from(sorted(values)))
+    shape = specs[name]
+    defects = ["unknown-name", "not-a-dict", "dtype", "shape", "non-finite", "beyond-float32"]
+    defects += {"set_masks": ["not-0-or-1"], "apply_gradients": ["missing"]}.get(method, [])
+    defect = draw(st.sampled_from(defects))
+    label = rf"{kind} {esc(repr(name))}"
+    if defect == "unknown-name":
+        unknown = draw(st.text(NAME_CHARS, min_size=1, max_size=12).filter(lambda s: s not in specs))
+        values[unknown] = values[name]
+        return method, values, KeyError, rf"{kind} {esc(repr(unknown))} is unknown; accepted: "
+    if defect == "not-a-dict":
+        argument = draw(st.sampled_from([list(values.values()), tuple(values.items()), None]))
+        what = "grads is a" if method == "apply_gradients" else f"{kind}s are a"
+        return method, argument, TypeError, rf"{what} {type(argument).__name__}; accepted: a dict"
+    if defect == "missing":
+        dropped = draw(st.lists(st.sampled_from(sorted(values)), min_size=1, unique=True))
+        for n in dropped:
+            del values[n]
+        missing = [n for n in specs if n in dropped]
+        return method, values, KeyError, rf"gradients missing for {esc(missing)}"
+    if defect == "dtype":
+        dtype = draw(OTHER_DTYPES)
+        values[name] = np.zeros(shape, dtype)
+        return method, values, ValueError, rf"{label} has dtype {esc(np.dtype(dtype))}; accepted: a float32 array"
+    if defect == "shape":
+        wrong = draw(st.lists(st.integers(1, 4), max_size=3).map(tuple).filter(lambda s: s != shape))
+        values[name] = np.zeros(wrong, np.float32)
+        return method, values, ValueError, rf"{label} has shape {esc(wrong)}; accepted: {esc(shape)}"
+    i = index_in(draw, shape)
+    value = np.array(values[name], draw(st.sampled_from([np.float32, np.float64])) if defect != "beyond-float32"
+                     else np.float64)
+    if defect == "non-finite":
+        v = draw(NON_FINITE)
+        value[i] = v
+        message = rf"{label} holds a non-finite value {v} at index {esc(i)}; accepted: finite values"
+    elif defect == "beyond-float32":
+        v = draw(BEYOND_FLOAT32)
+        value[i] = v
+        message = rf"{label} holds {esc(repr(v))} at index {esc(i)}, beyond float32's range"
+    else:  # "not-0-or-1"
+        v = draw(st.floats(-1e6, 1e6, width=32).filter(lambda v: v not in (0, 1)))
+        value[i] = v
+        message = rf"{label} holds {esc(repr(float(np.float32(v))))} at index {esc(i)}, a value other than 0 and 1"
+    values[name] = value
+    return method, values, ValueError, message
+
+
+@EXAMPLES
+@given(data=st.data())
+def test_bad_named_arrays_are_refused_by_name(engine, data):
+    method, argument, exception, message = data.draw(bad_named_arrays(engine))
+    refuses(engine, lambda: getattr(engine, method)(argument), exception, message)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_updates_beyond_float32_are_refused(engine, data):
+    """SGD at a huge learning rate, AdamW with gradients whose square overflows: refused, not inf."""
+    lr = engine.optimizer_config.lr  # the fixtures never change it
+    grads = {n: np.zeros(s, np.float32) for n, s in engine.trainable_shapes.items()}
+    name = data.draw(st.sampled_from(sorted(grads)))
+    i = index_in(data.draw, grads[name].shape)
+    if engine.optimizer_config.kind.value == "sgd":
+        new_lr = 10 ** data.draw(st.floats(20, 38))
+        grads[name][i] = data.draw(st.sampled_from([1, -1])) * 4 * FLOAT32_MAX / new_lr  # |lr * g| > float32's max
+        engine.set_learning_rate(new_lr)
+    else:
+        grads[name][i] = data.draw(st.floats(f32(2e19), FLOAT32_MAX, width=32).flatmap(lambda v: st.sampled_from([v, -v])))
+    try:
+        refuses(engine, lambda: engine.apply_gradients(grads), ValueError,
+                rf"update of {esc(repr(name))} at lr=.* could leave float32's range .* the engine is unchanged")
+    finally:
+        engine.set_learning_rate(lr)
+
+
+BAD_NUMBERS = st.one_of(st.floats(max_value=-1e-30), st.sampled_from([math.nan, math.inf, -math.inf]),
+                        st.floats(3.5e38, 1e308), st.sampled_from([None, "0.1", True, 1j, [0.1]]))
+
+
+@EXAMPLES
+@given(lr=BAD_NUMBERS)
+def test_bad_learning_rates_are_refused(engine, lr):
+    refuses(engine, lambda: engine.set_learning_rate(lr), ValueError, rf"lr={esc(repr(lr))}; accepted: a finite number")
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.one_of(st.integers(max_value=0), st.floats(allow_nan=False), st.sampled_from([None, "8", True])))
+def test_bad_evaluate_batch_sizes_are_refused(engine, size):
+    x, _ = batch(np.random.default_rng(0), 4)
+    refuses(engine, lambda: engine.evaluate(x, size), ValueError, rf"batch_size={esc(repr(size))}; accepted: an integer")
+
+
+# --- saved states: load_state_arrays, load ----------------------------------------
+def _json_meta(state: dict) -> dict:
+    import json
+
+    return json.loads(state["meta"].tobytes().decode())
+
+
+def _with_meta(state: dict, meta: dict) -> dict:
+    import json
+
+    return {**state, "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+
+
+@st.composite
+def altered_states(draw, engine):
+    """(state, message): the engine's own state with one defect."""
+    state = engine.state_arrays()
+    keys = sorted(k for k in state if k != "meta")
+    floats = [k for k in keys if state[k].dtype.kind == "f" and state[k].size]
+    defects = ["drop", "add", "dtype", "shape", "non-finite", "mask", "weight-under-zero-mask", "meta-bytes",
+               "meta-field", "not-a-dict"]
+    if any(k.startswith("optim::exp_avg_sq::") for k in keys):
+        defects += ["negative-exp-avg-sq"]
+    if any(k == "optim::ort_checkpoint::adamw" for k in keys):
+        defects += ["ort-checkpoint-bytes"]
+    defect = draw(st.sampled_from(defects))
+    if defect == "drop":
+        key = draw(st.sampled_from(sorted(state)))
+        del state[key]
+        return state, "has no readable meta" if key == "meta" else rf"lacks {esc([key])}"
+    if defect == "add":
+        key = draw(st.sampled_from(["param::", "mask::", "buffer::", "optim::momentum::", "optim::exp_avg::", "x"])
+                   ) + draw(st.text("abcdefgh.", min_size=1, max_size=8))
+        if key in state:
+            return {**state, "meta": state["meta"][:-1]}, "has no readable meta"  # still one defect
+        state[key] = np.zeros(3, np.float32)
+        return state, rf"holds {esc([key])}"
+    if defect == "dtype":
+        key = draw(st.sampled_from(keys))
+        old = state[key].dtype
+        new = draw(st.sampled_from([np.float64, np.float16, np.int32, np.int8, np.uint8, np.bool_]).filter(
+            lambda d: np.dtype(d) != old))
+        state[key] = state[key].astype(new)
+        return state, rf"{esc(key)} has dtype {esc(np.dtype(new))}; accepted: {esc(old)}"
+    if defect == "shape":
+        key = draw(st.sampled_from(keys))
+        a = state[key]
+        state[key] = a.reshape(1, -1) if a.ndim == 1 and key.startswith("optim::ort") else np.resize(a, a.size + 1)
+        if state[key].shape == a.shape:  # a 1-element array: add a dimension instead
+            state[key] = a.reshape(1, *a.shape)
+        return state, rf"{esc(key)} has shape {esc(state[key].shape)}; accepted: "
+    if defect == "non-finite":
+        key = draw(st.sampled_from(floats))
+        a = state[key].copy()
+        i, v = index_in(draw, a.shape), draw(NON_FINITE)
+        a[i] = v
+        state[key] = a
+        return state, rf"{esc(key)} holds {v} at index {esc(i)}; accepted: finite values only"
+    masked = sorted(engine.mask_shapes)
+    if defect == "mask":
+        name = draw(st.sampled_from(masked))
+        m = state[f"mask::{name}"].copy()
+        i, v = index_in(draw, m.shape), draw(st.floats(-1e6, 1e6, width=32).filter(lambda v: v not in (0, 1)))
+        m[i] = v
+        state[f"mask::{name}"] = m
+        return state, rf"mask::{esc(name)} holds {esc(repr(float(np.float32(v))))} at index {esc(i)}; accepted: 0 and 1"
+    if defect == "weight-under-zero-mask":
+        name = draw(st.sampled_from(masked))
+        w, m = state[f"param::{name}"].copy(), state[f"mask::{name}"]
+        zeros = np.argwhere(m == 0)
+        if len(zeros):  # a weight where the mask is 0
+            i = tuple(int(j) for j in zeros[draw(st.integers(0, len(zeros) - 1))])
+            w[i] = draw(st.floats(-1e3, 1e3, width=32).filter(lambda v: v != 0))
+            state[f"param::{name}"] = w
+            return state, rf"param::{esc(name)} holds .* at index {esc(i)}; accepted: 0 wherever the mask is 0"
+        defect = "meta-bytes"
+    if defect == "meta-bytes":
+        cut = draw(st.integers(0, state["meta"].size - 1))
+        state["meta"] = draw(st.sampled_from([state["meta"][:cut], state["meta"].astype(np.int64), np.zeros(0)]))
+        return state, "has no readable meta"
+    if defect == "meta-field":
+        meta = _json_meta(state)
+        field = draw(st.sampled_from(["engine", "steps_done", "momentum", "kind", "weight_decay"]))
+        if field == "engine":
+            meta["engine"] = draw(st.sampled_from(["portable", "ort-training", "torch", "tflite", None]).filter(
+                lambda e: e != engine.name))
+            message = rf"was saved by engine {esc(repr(meta['engine']))}; this engine is {esc(repr(engine.name))}"
+        elif field == "steps_done":
+            meta["steps_done"] = draw(st.sampled_from([-1, -100, "2", 2.0, True, None, [2]]))
+            message = rf"meta steps_done is {esc(repr(meta['steps_done']))}; accepted: an integer >= 0"
+        else:
+            old = meta["optimizer"][field]
+            new = {"momentum": 0.5, "kind": "sgd" if old == "adamw" else "adamw", "weight_decay": 0.123}[field]
+            meta["optimizer"][field] = new
+            message = rf"was saved with optimizer .*{field} {esc(repr(new))} \(this engine: {esc(repr(old))}\)"
+        return _with_meta(state, meta), message
+    if defect == "negative-exp-avg-sq":
+        key = draw(st.sampled_from([k for k in keys if k.startswith("optim::exp_avg_sq::")]))
+        a = state[key].copy()
+        a[index_in(draw, a.shape)] = -draw(st.floats(f32(1e-30), f32(1e30), width=32))
+        state[key] = a
+        return state, rf"{esc(key)} holds .*; accepted: values >= 0"
+    if defect == "ort-checkpoint-bytes":
+        key = "optim::ort_checkpoint::adamw"
+        state[key] = state[key][:draw(st.integers(0, 64))].copy()
+        return state, rf"onnxruntime-training cannot load {esc(key)} of engine state"
+    return draw(st.sampled_from([list(state.items()), None, "state.npz"])), r"engine state s is a"
+
+
+@EXAMPLES
+@given(data=st.data())
+def test_altered_states_are_refused_by_name(engine, data):
+    state, message = data.draw(altered_states(engine))
+    refuses(engine, lambda: engine.load_state_arrays(state, "s"), ArtifactError, message)
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_altered_state_files_are_refused(engine, folder, data):
+    state, message = data.draw(altered_states(engine))
+    path = folder / "state.npz"
+    if isinstance(state, dict):
+        np.savez(path, **state)
+        message = message.replace("engine state s", "engine state .*")
+    else:  # a file cut short
+        data_bytes = engine.save(path).read_bytes()
+        path.write_bytes(data_bytes[:data.draw(st.integers(0, len(data_bytes) - 1))])
+        message = r"is unreadable"
+    refuses(engine, lambda: engine.load(path), ArtifactError, message)
+
+
+@settings(max_examples=10, deadline=None)
+@given(where=st.sampled_from(["folder", "missing-folder", "not-a-path"]))
+def test_save_to_a_bad_path_writes_nothing(engine, folder, where):
+    target = folder / "save-target"
+    target.mkdir(exist_ok=True)
+    path, exception = {"folder": (target, IsADirectoryError), "missing-folder": (target / "no" / "s.npz", FileNotFoundError),
+                       "not-a-path": (3, TypeError)}[where]
+    refuses(engine, lambda: engine.save(path), exception, esc(path) if where != "not-a-path" else "path is a int")
+    assert list(target.iterdir()) == []
+
+
+# --- the bound that refuses an update: never below what the optimizer computes ------
+CONFIGS = st.tuples(st.sampled_from(["sgd", "adamw"]), st.floats(0, 10), st.sampled_from([0, 0.5, 0.9]), st.booleans(),
+                    st.sampled_from([0, 1e-2, 0.5]), st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.99, 0.9), (0.9, 0.0)]),
+                    ).map(lambda c: OptimizerConfig(kind=c[0], lr=c[1], momentum=c[2], nesterov=c[3] and c[2] > 0,
+                                                    weight_decay=c[4], betas=c[5]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(config=CONFIGS, seed=st.integers(0, 2**16), steps=st.integers(1, 20), scale=st.floats(1e-6, 1e6))
+def test_update_bound_holds_for_the_numpy_optimizer(config, seed, steps, scale):
+    """`update_bound` (what the engines refuse an update by) is never below |w| after the step, nor below the
+    new SGD momentum buffer (AdamW's moments are convex combinations of their old values and g, g^2)."""
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.standard_normal(20).astype(np.float32)}
+    optimizer = NumpyOptimizer(config)
+    for t in range(1, steps + 1):
+        g = (rng.standard_normal(20) * scale * rng.choice([1e-3, 1, 1e3])).astype(np.float32)
+        slots = optimizer.state.get("w", {})
+        momentum, exp_avg = slots.get("momentum"), slots.get("exp_avg")
+        bound = update_bound(config, config.lr, t, float(np.abs(params["w"]).max()), float(np.abs(g).max()),
+                             None if momentum is None else float(np.abs(momentum).max()),
+                             None if exp_avg is None else float(np.abs(exp_avg).max()))
+        optimizer.step(params, {"w": g})
+        reached = [params["w"]] + ([optimizer.state["w"]["momentum"]] if "momentum" in optimizer.state["w"] else [])
+        reached = max(float(np.abs(a).max()) for a in reached)
+        assert reached <= bound * (1 + 1e-5), (t, reached, bound)
