@@ -135,8 +135,7 @@ class TorchEngine(Engine):
         b = check_batch(self.manifest, x, y, sample_weight, target_logits, logit_weight)
         try:
             out = self._train_pass(b, fused=True)
-            check_outputs(b.x, out.loss, out.logits, out.grads, out.buffers)
-            self._check_update(out.grads)
+            self._check_update(out.grads, check_outputs(b.x, out.loss, out.logits, out.grads, out.buffers))
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -146,11 +145,13 @@ class TorchEngine(Engine):
         self.steps_done += 1
         return out.loss
 
+    def _weight(self, name):
+        return self._params[name].detach().numpy()
+
     def _optimizer_slots(self, name):
-        p = self._params[name]
-        state = self.optimizer.state.get(p, {})
+        state = self.optimizer.state.get(self._params[name], {})
         slots = [state.get(k) for k in ("momentum_buffer", "exp_avg")]
-        return (p.detach().numpy(), *(None if s is None else s.numpy() for s in slots))
+        return tuple(None if s is None else s.numpy() for s in slots)
 
     @property
     def learning_rate(self) -> float:

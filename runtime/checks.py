@@ -10,6 +10,7 @@ after its cast to float32: a float64 1e39 is refused, not turned into inf.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -38,7 +39,7 @@ def first_non_finite(a: np.ndarray) -> tuple[int, ...] | None:
 
 
 def absmax(a: np.ndarray) -> float:
-    """max |a| without a temporary array (0 for an empty one)."""
+    """max |a| without a temporary array (0 for an empty one); NaN if `a` holds a NaN."""
     return float(max(a.max(), -a.min())) if a.size else 0.0
 
 
@@ -153,23 +154,30 @@ def check_masks(values, specs: dict[str, tuple]) -> dict[str, np.ndarray]:
 
 
 def check_outputs(x: np.ndarray, loss: float, logits: np.ndarray, grads: dict[str, np.ndarray],
-                  buffers: dict[str, np.ndarray]) -> None:
+                  buffers: dict[str, np.ndarray]) -> dict[str, float]:
     """Refuse a forward/backward pass whose loss, logits, gradients or new BatchNorm statistics are not finite.
 
+    Returns:
+        max |gradient| per parameter, found on the way (the update check needs them).
     Raises:
         BatchError: naming the first non-finite output and the batch's largest |x|.
     """
-    outputs = [("loss", np.asarray(loss)), ("logits", logits)]
-    outputs += [(f"gradient of {n!r}", g) for n, g in grads.items()]
-    outputs += [(f"BatchNorm statistic {n!r}", b) for n, b in buffers.items()]
-    for what, a in outputs:
-        bad = first_non_finite(a)
-        if bad is not None:
+    outputs = [(None, "loss", np.asarray(loss)), (None, "logits", logits)]
+    outputs += [(n, f"gradient of {n!r}", g) for n, g in grads.items()]
+    outputs += [(None, f"BatchNorm statistic {n!r}", b) for n, b in buffers.items()]
+    g_max = {}
+    for name, what, a in outputs:
+        largest = absmax(a)  # NaN or inf when `a` holds one: one pass does both jobs
+        if not math.isfinite(largest):
+            bad = first_non_finite(a)
             raise BatchError(
-                f"the batch gives a non-finite {what} ({a[bad].item()}{f' at index {bad}' if bad else ''}) with |x| up to "
-                f"{absmax(x):.4g}; the call was refused and the engine is unchanged; accepted: a batch whose "
+                f"the batch gives a non-finite {what} ({a[bad].item()}{f' at index {bad}' if bad else ''}) with |x| "
+                f"up to {absmax(x):.4g}; the call was refused and the engine is unchanged; accepted: a batch whose "
                 f"loss, logits, gradients and BatchNorm statistics are finite (scale x down; if the weights "
                 f"have grown huge, lower the learning rate)")
+        if name is not None:
+            g_max[name] = largest
+    return g_max
 
 
 def check_state_arrays(arrays: dict, specs: dict[str, tuple], source: str) -> None:

@@ -12,9 +12,12 @@ with `sample_weight` w (default 1/N), `logit_weight` v (default 0) and
 A call that raises changes nothing: every argument is checked first (see checks.py), then
 the engine computes, checks that every output is finite (loss, logits, gradients, new
 BatchNorm statistics) and that the optimizer update cannot leave float32's range, and only
-then commits. `step` commits the statistics and the update together; `loss_and_grads`
-commits the statistics of a batch whose outputs are all finite, as torch's train() does, so
-a later `apply_gradients` that refuses its gradients leaves them committed.
+then commits. `step` commits the statistics and the update together. `loss_and_grads` is a
+whole call of its own: it commits the statistics of a batch whose outputs are all finite, as
+a training forward pass in torch does. So on the DGM path (`Learner.observe`: loss_and_grads,
+mask the gradients, apply_gradients), an update that apply_gradients refuses (the gradients
+are finite by then: only one that would leave float32's range, e.g. at lr 1e30) leaves that
+batch's statistics committed and the weights and optimizer state as they were.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ from .errors import ArtifactError
 from .files import write_atomic
 from .manifest import Manifest
 from .optim import FLOAT32_MAX, OptimizerConfig, check_learning_rate, update_bound
-
-__all__ = ["Batch", "Engine", "StepOutputs", "check_batch", "check_input", "check_masks", "check_named"]
 
 # An update whose bound passes this cannot overflow float32, rounding included.
 UPDATE_LIMIT = FLOAT32_MAX / 2
@@ -56,7 +57,7 @@ class Engine:
     """Base class: the public interface, the checks before any state changes, and state files.
 
     Subclasses implement `_forward_backward` (computes, changes nothing), `_commit_buffers`,
-    `_apply_gradients` (the optimizer step, once the checks here passed), `_optimizer_slots`,
+    `_apply_gradients` (the optimizer step, once the checks here passed), `_weight`, `_optimizer_slots`,
     `learning_rate`, `_set_learning_rate`, `_evaluate`, `parameters`, `_set_parameters`, `masks`,
     `_set_masks`, `buffers`, `_state_arrays`, `_optimizer_specs`, `_load_state_arrays` and, if
     their optimizer state has values to check, `_check_optimizer_state`.
@@ -92,7 +93,7 @@ class Engine:
             BatchError: bad shape, dtype, label range or a non-finite value, or a batch whose loss,
             logits, gradients or BatchNorm statistics come out non-finite; the engine is unchanged.
         """
-        out = self._checked_pass(x, y, sample_weight, target_logits, logit_weight)
+        out, _ = self._checked_pass(x, y, sample_weight, target_logits, logit_weight)
         self._commit(out)
         return out.loss, out.grads
 
@@ -117,8 +118,8 @@ class Engine:
             BatchError: as `loss_and_grads`. ValueError: an update that could leave float32's range.
             Either way nothing was committed: no statistics, no update.
         """
-        out = self._checked_pass(x, y, sample_weight, target_logits, logit_weight)
-        self._check_update(out.grads)
+        out, g_max = self._checked_pass(x, y, sample_weight, target_logits, logit_weight)
+        self._check_update(out.grads, g_max)
         self._commit(out)
         self._apply_gradients(out.grads)
         self.steps_done += 1
@@ -223,11 +224,11 @@ class Engine:
         self.load_state_arrays(arrays, repr(str(path)))
 
     # --- the checks and commits around the subclasses' work ---------------
-    def _checked_pass(self, x, y, sample_weight, target_logits, logit_weight) -> StepOutputs:
+    def _checked_pass(self, x, y, sample_weight, target_logits, logit_weight) -> tuple[StepOutputs, dict]:
+        """The outputs of a checked batch once they are known to be finite, and max |gradient| per parameter."""
         batch = check_batch(self.manifest, x, y, sample_weight, target_logits, logit_weight)
         out = self._forward_backward(batch)
-        check_outputs(batch.x, out.loss, out.logits, out.grads, out.buffers)
-        return out
+        return out, check_outputs(batch.x, out.loss, out.logits, out.grads, out.buffers)
 
     def _commit(self, out: StepOutputs) -> None:
         self._commit_buffers(out.buffers)
@@ -241,20 +242,27 @@ class Engine:
             raise KeyError(f"gradients missing for {missing}; pass one per trainable parameter")
         return check_named("gradient", grads, self.trainable_shapes)
 
-    def _check_update(self, grads: dict[str, np.ndarray]) -> None:
-        """Refuse an optimizer step that could make a weight or an optimizer slot leave float32's range."""
-        lr, c = self.learning_rate, self.optimizer_config
+    def _check_update(self, grads: dict[str, np.ndarray], g_maxes: dict[str, float] | None = None) -> None:
+        """Refuse an optimizer step that could make a weight or an optimizer slot leave float32's range.
+
+        g_maxes: max |gradient| per parameter where known. The weights are read only when the bound
+        without them does not settle it (see `update_bound`): the check runs every step.
+        """
+        lr, c, t = self.learning_rate, self.optimizer_config, self.steps_done + 1
         for name, g in grads.items():
-            w, momentum, exp_avg = self._optimizer_slots(name)
-            w_max, g_max = absmax(w), absmax(g)
-            bound = update_bound(c, lr, self.steps_done + 1, w_max, g_max,
-                                 None if momentum is None else absmax(momentum),
-                                 None if exp_avg is None else absmax(exp_avg))
+            momentum, exp_avg = self._optimizer_slots(name)
+            g_max = g_maxes[name] if g_maxes and name in g_maxes else absmax(g)
+            momentum_max = None if momentum is None else absmax(momentum)
+            bound = update_bound(c, lr, t, g_max, None, momentum_max)
             if not bound <= UPDATE_LIMIT:
-                raise ValueError(
-                    f"the {c.kind.value} update of {name!r} at lr={lr:.4g} could leave float32's range (|weight| up "
-                    f"to {w_max:.4g}, |gradient| up to {g_max:.4g}: a bound of {bound:.4g} > {UPDATE_LIMIT:.4g}); "
-                    f"the engine is unchanged; accepted: a learning rate and gradients whose update stays finite")
+                w_max = absmax(self._weight(name))
+                bound = update_bound(c, lr, t, g_max, w_max, momentum_max, None if exp_avg is None else absmax(exp_avg))
+                if not bound <= UPDATE_LIMIT:
+                    raise ValueError(
+                        f"the {c.kind.value} update of {name!r} at lr={lr:.4g} could leave float32's range (|weight| "
+                        f"up to {w_max:.4g}, |gradient| up to {g_max:.4g}: a bound of {bound:.4g} > "
+                        f"{UPDATE_LIMIT:.4g}); the engine is unchanged; accepted: a learning rate and gradients whose "
+                        f"update stays finite")
 
     def _check_meta(self, raw, source: str) -> int:
         """The meta of a saved state: this engine, its optimizer (lr aside); returns steps_done."""
@@ -291,8 +299,12 @@ class Engine:
     def _apply_gradients(self, grads):
         raise NotImplementedError
 
-    def _optimizer_slots(self, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(weight, SGD momentum buffer or None, AdamW exp_avg or None) of a trainable parameter, as they are now."""
+    def _weight(self, name: str) -> np.ndarray:
+        """A parameter as it is now (a view is fine: only read)."""
+        raise NotImplementedError
+
+    def _optimizer_slots(self, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(SGD momentum buffer or None, AdamW exp_avg or None) of a trainable parameter, as they are now."""
         raise NotImplementedError
 
     @property

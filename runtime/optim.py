@@ -13,6 +13,10 @@ from enum import Enum
 import numpy as np
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# float32's spacing at its maximum is 2^104: a result beyond the maximum by less than half of it
+# (2^103) rounds back to the maximum, so a finite weight moved by less than this stays finite
+# (half of 2^103 again: room for the rounding of lr * direction).
+SAFE_STEP = 2.0**102
 
 
 def check_learning_rate(lr, name: str = "lr") -> float:
@@ -185,34 +189,45 @@ def adamw_ratio_bound(betas: tuple[float, float], step: int) -> float:
     return (1 - b1) / (1 - b1**step) * math.sqrt(s * (1 - b2**step) / (1 - b2))
 
 
-def update_bound(config: OptimizerConfig, lr: float, step: int, w_max: float, g_max: float,
+def update_bound(config: OptimizerConfig, lr: float, step: int, g_max: float, w_max: float | None = None,
                  momentum_max: float | None = None, exp_avg_max: float | None = None) -> float:
     """An upper bound on |w| after one optimizer step of one tensor and on each new term the step computes.
 
-    From the largest |w| and |g| of the tensor, and the largest |momentum buffer| (SGD) or
-    |exp_avg| (AdamW) where the engine can read them (None: not read, or not there yet). The new
-    terms are g + wd * w, the momentum buffer, lr * direction, g^2, ...; AdamW's moments are convex
-    combinations of their finite old values and g, g^2. So below float32's maximum, the step cannot
-    overflow. AdamW's |m_hat| / (sqrt(v_hat) + eps) is bounded by `adamw_ratio_bound`, so an engine
-    whose moments are hidden (onnxruntime-training) is covered too. The formulas are those of
-    `NumpyOptimizer.step` (torch's).
+    From the largest |g| of the tensor, and the largest |w|, |momentum buffer| (SGD) or |exp_avg|
+    (AdamW) where the engine read them (None: not read, or not there yet). The new terms are
+    g + wd * w, the momentum buffer, lr * direction, g^2, ...; AdamW's moments are convex
+    combinations of their finite old values and g, g^2. So below float32's maximum, the step
+    cannot overflow. AdamW's |m_hat| / (sqrt(v_hat) + eps) is bounded by `adamw_ratio_bound`, so
+    an engine whose moments are hidden (onnxruntime-training) is covered too. The formulas are
+    those of `NumpyOptimizer.step` (torch's).
+
+    Without w_max the weights are only known to be finite float32: a step that does not scale them
+    up and moves them by less than SAFE_STEP keeps them finite; any other step gets an infinite
+    bound (then pass w_max). Reading no weights keeps the check cheap: it runs every step.
 
     Args:
         step: the index of this step, 1 for the first.
     """
     c = config
     if c.kind is OptimizerKind.SGD:
-        g = g_max + c.weight_decay * w_max
+        g = g_max + c.weight_decay * (FLOAT32_MAX if w_max is None else w_max)
         if not c.momentum:
             d = buf = g
         else:
             buf = g if momentum_max is None else c.momentum * momentum_max + (1 - c.dampening) * g
             d = g + c.momentum * buf if c.nesterov else buf
-        return max(g, buf, d, lr * d, w_max + lr * d)
-    b1, b2 = c.betas
-    decayed = w_max * abs(1 - lr * c.weight_decay)
-    ratio = adamw_ratio_bound(c.betas, step)
-    if exp_avg_max is not None:  # |m_hat| / eps: finite whatever b2
-        ratio = min(ratio, (b1 * exp_avg_max + (1 - b1) * g_max) / (1 - b1**step) / c.eps)
-    step_size = lr / (1 - b1**step)
-    return max(g_max * g_max, g_max / math.sqrt(1 - b2**step), decayed, step_size, lr * ratio, decayed + lr * ratio)
+        scale, move, terms = 1.0, lr * d, (g, buf, d)
+    else:
+        b1, b2 = c.betas
+        ratio = adamw_ratio_bound(c.betas, step)
+        if exp_avg_max is None and step == 1:
+            exp_avg_max = 0.0  # the moments start at zero
+        if exp_avg_max is not None:  # |m_hat| / eps: finite whatever b2
+            ratio = min(ratio, (b1 * exp_avg_max + (1 - b1) * g_max) / (1 - b1**step) / c.eps)
+        scale, move = abs(1 - lr * c.weight_decay), lr * ratio if lr else 0.0  # not 0 * inf
+        terms = (g_max * g_max, g_max / math.sqrt(1 - b2**step), lr / (1 - b1**step))
+    if w_max is None:
+        new_w = 0.0 if scale <= 1 and move < SAFE_STEP else math.inf
+    else:
+        new_w = w_max * scale + move
+    return max(*terms, move, new_w)

@@ -258,8 +258,11 @@ class OrtTrainingEngine(Engine):
     def buffers(self) -> dict[str, np.ndarray]:
         return {name: self._param(g).data.copy() for name, g in self._buffer_graph.items()}
 
+    def _weight(self, name):
+        return self._param(self._graph[name]).data
+
     def _optimizer_slots(self, name):
-        return self._param(self._graph[name]).data, self._momentum.get(name), None  # AdamW's moments: inside ORT
+        return self._momentum.get(name), None  # AdamW's moments: inside ORT, unread
 
     @property
     def learning_rate(self) -> float:

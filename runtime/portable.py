@@ -71,9 +71,12 @@ class PortableEngine(Engine):
         self._optimizer.step(self._params, grads)
         self._apply_masks(grads.keys() & self._masks.keys())
 
+    def _weight(self, name):
+        return self._params[name]
+
     def _optimizer_slots(self, name):
         slots = self._optimizer.state.get(name, {})
-        return self._params[name], slots.get("momentum"), slots.get("exp_avg")
+        return slots.get("momentum"), slots.get("exp_avg")
 
     def _evaluate(self, x):
         return self._forward.run(["logits"], {"x": x, **self._state_feed()})[0]

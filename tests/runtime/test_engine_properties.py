@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgecl.runtime import ArtifactError, BatchError, OptimizerConfig
+from edgecl.runtime.engine import UPDATE_LIMIT
 from edgecl.runtime.optim import FLOAT32_MAX, NumpyOptimizer, update_bound
 from tests.helpers import IN_SHAPE, batch
 from tests.runtime.engine_state import assert_unchanged, open_test_engine, snapshot
@@ -411,21 +412,29 @@ CONFIGS = st.tuples(st.sampled_from(["sgd", "adamw"]), st.floats(0, 10), st.samp
 
 
 @settings(max_examples=100, deadline=None)
-@given(config=CONFIGS, seed=st.integers(0, 2**16), steps=st.integers(1, 20), scale=st.floats(1e-6, 1e6))
-def test_update_bound_holds_for_the_numpy_optimizer(config, seed, steps, scale):
+@given(config=CONFIGS, seed=st.integers(0, 2**16), steps=st.integers(1, 20), scale=st.floats(1e-6, 1e6),
+       weights=st.sampled_from([1.0, 1e30, 1e38]))
+def test_update_bound_holds_for_the_numpy_optimizer(config, seed, steps, scale, weights):
     """`update_bound` (what the engines refuse an update by) is never below |w| after the step, nor below the
-    new SGD momentum buffer (AdamW's moments are convex combinations of their old values and g, g^2)."""
+    new SGD momentum buffer (AdamW's moments are convex combinations of their old values and g, g^2); the
+    bound without the weights, when finite, means finite new weights."""
     rng = np.random.default_rng(seed)
-    params = {"w": rng.standard_normal(20).astype(np.float32)}
+    params = {"w": (rng.standard_normal(20) * weights / 4).astype(np.float32)}
     optimizer = NumpyOptimizer(config)
     for t in range(1, steps + 1):
         g = (rng.standard_normal(20) * scale * rng.choice([1e-3, 1, 1e3])).astype(np.float32)
         slots = optimizer.state.get("w", {})
         momentum, exp_avg = slots.get("momentum"), slots.get("exp_avg")
-        bound = update_bound(config, config.lr, t, float(np.abs(params["w"]).max()), float(np.abs(g).max()),
-                             None if momentum is None else float(np.abs(momentum).max()),
+        momentum_max = None if momentum is None else float(np.abs(momentum).max())
+        g_max = float(np.abs(g).max())
+        bound = update_bound(config, config.lr, t, g_max, float(np.abs(params["w"]).max()), momentum_max,
                              None if exp_avg is None else float(np.abs(exp_avg).max()))
-        optimizer.step(params, {"w": g})
+        blind = update_bound(config, config.lr, t, g_max, None, momentum_max)
+        assert not (math.isnan(bound) or math.isnan(blind))
+        if bound > UPDATE_LIMIT and blind > UPDATE_LIMIT:
+            return  # the engines refuse this step
+        with np.errstate(over="raise"):  # no overflow anywhere in the step
+            optimizer.step(params, {"w": g})
         reached = [params["w"]] + ([optimizer.state["w"]["momentum"]] if "momentum" in optimizer.state["w"] else [])
         reached = max(float(np.abs(a).max()) for a in reached)
         assert reached <= bound * (1 + 1e-5), (t, reached, bound)
