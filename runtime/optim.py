@@ -27,7 +27,8 @@ def check_learning_rate(lr, name: str = "lr") -> float:
     """
     real = isinstance(lr, (int, float, np.integer, np.floating)) and not isinstance(lr, (bool, np.bool_))
     if not (real and math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
-        raise ValueError(f"{name}={lr!r}; accepted: a finite number >= 0 (at most {FLOAT32_MAX:.4g}, float32's maximum)")
+        raise ValueError(f"{name}={lr!r}; accepted: a finite number >= 0 (at most {FLOAT32_MAX:.4g}, "
+                         f"float32's maximum)")
     return float(lr)
 
 

@@ -214,7 +214,8 @@ def _short_weight(state):
     (_drop_optimizer, r"lacks \[.*'optim"),
     (_nan_weight, r"param::conv1\.weight holds nan at index \(0, 0, 1, 1\); accepted: finite values only"),
     (_half_mask, r"mask::conv1\.weight holds 0\.5 at index \(0, 0, 0, 0\); accepted: 0 and 1 only"),
-    (_weight_under_zero_mask, r"param::conv1\.weight holds .* at index \(0, 0, 0, 1\); accepted: 0 wherever the mask is 0"),
+    (_weight_under_zero_mask,
+     r"param::conv1\.weight holds .* at index \(0, 0, 0, 1\); accepted: 0 wherever the mask is 0"),
     (_short_weight, r"param::conv1\.weight has shape \(16, 1, 2, 3\); accepted: \(16, 1, 3, 3\)"),
 ], ids=["no-optimizer-arrays", "nan-weight", "mask-0.5", "weight-under-mask-0", "wrong-shape"])
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,88 +1,39 @@
 """Property: every input an engine refuses raises a specific error naming the value, and changes nothing.
 
-Hypothesis draws bad batches, named arrays, learning rates, states and paths for each `Engine`
-method; each example asserts the exception type, a message naming the argument and the value,
-and a bit-identical engine state afterwards (parameters, masks, running statistics, optimizer
-state, steps_done and the learning rate: `engine_state.snapshot`). The engines are the portable
-one (also under emulated aarch64), ort-training and the torch reference, each on a model with
-BatchNorm and SGD with momentum, and on one without and AdamW, after two steps, with masks of
-zeros and ones, so every part of the state is live.
+Hypothesis draws bad batches, named arrays, updates, learning rates and batch sizes for each
+`Engine` method (saved states and paths: test_engine_state_properties.py); each example
+asserts the exception type, a message naming the argument and the value, and a bit-identical
+engine state afterwards (parameters, masks, running statistics, optimizer state, steps_done
+and the learning rate: `engine_state.snapshot`). The engines are the portable one (also under
+emulated aarch64), ort-training and the torch reference (`engine_state.LIVE_ENGINES`).
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgecl.runtime import ArtifactError, BatchError, OptimizerConfig
+from edgecl.runtime import BatchError, OptimizerConfig
 from edgecl.runtime.engine import UPDATE_LIMIT
 from edgecl.runtime.optim import FLOAT32_MAX, NumpyOptimizer, update_bound
 from tests.helpers import IN_SHAPE, batch
-from tests.runtime.engine_state import assert_unchanged, open_test_engine, snapshot
+from tests.runtime.engine_state import EXAMPLES, LIVE_ENGINES, NON_FINITE, esc, f32, index_in, live_engine, refuses
 
-SGD_MOMENTUM = OptimizerConfig("sgd", lr=0.03, momentum=0.9, weight_decay=1e-4)
-ADAMW = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01)
 K = 10  # classes of the test models
-EXAMPLES = settings(max_examples=60, deadline=None)
-
-ENGINES = [
-    pytest.param(("portable", "resnet", SGD_MOMENTUM), id="portable-resnet-sgd"),
-    pytest.param(("portable", "cnn", ADAMW), id="portable-cnn-adamw"),
-    pytest.param(("ort-training", "resnet", SGD_MOMENTUM), id="ort-resnet-sgd", marks=pytest.mark.ort_training),
-    pytest.param(("ort-training", "cnn", ADAMW), id="ort-cnn-adamw", marks=pytest.mark.ort_training),
-    pytest.param(("torch", "resnet", SGD_MOMENTUM), id="torch-resnet-sgd", marks=pytest.mark.torch),
-    pytest.param(("torch", "cnn", ADAMW), id="torch-cnn-adamw", marks=pytest.mark.torch),
-]
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request, exported):
-    kind, family, optimizer = request.param
-    engine = open_test_engine(exported, kind, family, optimizer)
-    rng = np.random.default_rng(0)
-    engine.set_masks({n: (rng.random(s) < 0.7).astype(np.float32) for n, s in engine.mask_shapes.items()})
-    for _ in range(2):
-        engine.step(*batch(rng, 8))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tmp_path_factory.mktemp("states")
-
-
-def index_in(draw, shape: tuple) -> tuple[int, ...]:
-    return tuple(draw(st.integers(0, d - 1)) for d in shape)
-
-
-def f32(v: float) -> float:
-    """The float32 nearest to v (hypothesis wants float32 bounds exact)."""
-    return float(np.float32(v))
-
-
-def esc(value) -> str:
-    return re.escape(str(value))
-
-
-def refuses(engine, call, exception, message: str) -> None:
-    """`call()` raises `exception` matching `message`, and the engine is as it was."""
-    before = snapshot(engine)
-    with pytest.raises(exception, match=message):
-        call()
-    assert_unchanged(before, engine)
-
-
 NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789._:- "  # KeyError's message is a repr: no quotes, backslashes
-NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
 # float64 values float32 cannot hold (3.4028235e38 is float32's largest).
 BEYOND_FLOAT32 = st.floats(3.5e38, 1e300).flatmap(lambda v: st.sampled_from([v, -v]))
 OTHER_DTYPES = st.sampled_from([np.int8, np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128,
                                 object, "U3"])
+
+
+@pytest.fixture(scope="module", params=LIVE_ENGINES)
+def engine(request, exported):
+    return live_engine(exported, *request.param)
 
 
 # --- batches: step, loss_and_grads, evaluate --------------------------------------
@@ -106,7 +57,8 @@ def bad_batches(draw, bn: bool):
         args[0] = np.zeros(x.shape[:axis] + (size,) + x.shape[axis + 1:], np.float32)
         message = rf"x\.shape is {esc(args[0].shape)}; accepted: {esc((n, *IN_SHAPE))}"
     elif defect == "x-rank":
-        args[0] = draw(st.sampled_from([x[0], x[..., None], x.reshape(n, -1)] + ([x[:0]] if method != "evaluate" else [])))
+        empty = [x[:0]] if method != "evaluate" else []  # evaluate accepts N = 0
+        args[0] = draw(st.sampled_from([x[0], x[..., None], x.reshape(n, -1)] + empty))
         message = rf"x has shape {esc(args[0].shape)}; accepted: \(N, {esc(', '.join(map(str, IN_SHAPE)))}\)"
     elif defect == "x-type":
         args[0] = draw(st.sampled_from([x.tolist(), None, 1.0, "x"]))
@@ -237,7 +189,8 @@ def test_updates_beyond_float32_are_refused(engine, data):
         grads[name][i] = data.draw(st.sampled_from([1, -1])) * 4 * FLOAT32_MAX / new_lr  # |lr * g| > float32's max
         engine.set_learning_rate(new_lr)
     else:
-        grads[name][i] = data.draw(st.floats(f32(2e19), FLOAT32_MAX, width=32).flatmap(lambda v: st.sampled_from([v, -v])))
+        g = data.draw(st.floats(f32(2e19), FLOAT32_MAX, width=32))  # g * g overflows
+        grads[name][i] = data.draw(st.sampled_from([g, -g]))
     try:
         refuses(engine, lambda: engine.apply_gradients(grads), ValueError,
                 rf"update of {esc(repr(name))} at lr=.* could leave float32's range .* the engine is unchanged")
@@ -259,154 +212,14 @@ def test_bad_learning_rates_are_refused(engine, lr):
 @given(size=st.one_of(st.integers(max_value=0), st.floats(allow_nan=False), st.sampled_from([None, "8", True])))
 def test_bad_evaluate_batch_sizes_are_refused(engine, size):
     x, _ = batch(np.random.default_rng(0), 4)
-    refuses(engine, lambda: engine.evaluate(x, size), ValueError, rf"batch_size={esc(repr(size))}; accepted: an integer")
-
-
-# --- saved states: load_state_arrays, load ----------------------------------------
-def _json_meta(state: dict) -> dict:
-    import json
-
-    return json.loads(state["meta"].tobytes().decode())
-
-
-def _with_meta(state: dict, meta: dict) -> dict:
-    import json
-
-    return {**state, "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
-
-
-@st.composite
-def altered_states(draw, engine):
-    """(state, message): the engine's own state with one defect."""
-    state = engine.state_arrays()
-    keys = sorted(k for k in state if k != "meta")
-    floats = [k for k in keys if state[k].dtype.kind == "f" and state[k].size]
-    defects = ["drop", "add", "dtype", "shape", "non-finite", "mask", "weight-under-zero-mask", "meta-bytes",
-               "meta-field", "not-a-dict"]
-    if any(k.startswith("optim::exp_avg_sq::") for k in keys):
-        defects += ["negative-exp-avg-sq"]
-    if any(k == "optim::ort_checkpoint::adamw" for k in keys):
-        defects += ["ort-checkpoint-bytes"]
-    defect = draw(st.sampled_from(defects))
-    if defect == "drop":
-        key = draw(st.sampled_from(sorted(state)))
-        del state[key]
-        return state, "has no readable meta" if key == "meta" else rf"lacks {esc([key])}"
-    if defect == "add":
-        key = draw(st.sampled_from(["param::", "mask::", "buffer::", "optim::momentum::", "optim::exp_avg::", "x"])
-                   ) + draw(st.text("abcdefgh.", min_size=1, max_size=8))
-        if key in state:
-            return {**state, "meta": state["meta"][:-1]}, "has no readable meta"  # still one defect
-        state[key] = np.zeros(3, np.float32)
-        return state, rf"holds {esc([key])}"
-    if defect == "dtype":
-        key = draw(st.sampled_from(keys))
-        old = state[key].dtype
-        new = draw(st.sampled_from([np.float64, np.float16, np.int32, np.int8, np.uint8, np.bool_]).filter(
-            lambda d: np.dtype(d) != old))
-        state[key] = state[key].astype(new)
-        return state, rf"{esc(key)} has dtype {esc(np.dtype(new))}; accepted: {esc(old)}"
-    if defect == "shape":
-        key = draw(st.sampled_from(keys))
-        a = state[key]
-        state[key] = a.reshape(1, -1) if a.ndim == 1 and key.startswith("optim::ort") else np.resize(a, a.size + 1)
-        if state[key].shape == a.shape:  # a 1-element array: add a dimension instead
-            state[key] = a.reshape(1, *a.shape)
-        return state, rf"{esc(key)} has shape {esc(state[key].shape)}; accepted: "
-    if defect == "non-finite":
-        key = draw(st.sampled_from(floats))
-        a = state[key].copy()
-        i, v = index_in(draw, a.shape), draw(NON_FINITE)
-        a[i] = v
-        state[key] = a
-        return state, rf"{esc(key)} holds {v} at index {esc(i)}; accepted: finite values only"
-    masked = sorted(engine.mask_shapes)
-    if defect == "mask":
-        name = draw(st.sampled_from(masked))
-        m = state[f"mask::{name}"].copy()
-        i, v = index_in(draw, m.shape), draw(st.floats(-1e6, 1e6, width=32).filter(lambda v: v not in (0, 1)))
-        m[i] = v
-        state[f"mask::{name}"] = m
-        return state, rf"mask::{esc(name)} holds {esc(repr(float(np.float32(v))))} at index {esc(i)}; accepted: 0 and 1"
-    if defect == "weight-under-zero-mask":
-        name = draw(st.sampled_from(masked))
-        w, m = state[f"param::{name}"].copy(), state[f"mask::{name}"]
-        zeros = np.argwhere(m == 0)
-        if len(zeros):  # a weight where the mask is 0
-            i = tuple(int(j) for j in zeros[draw(st.integers(0, len(zeros) - 1))])
-            w[i] = draw(st.floats(-1e3, 1e3, width=32).filter(lambda v: v != 0))
-            state[f"param::{name}"] = w
-            return state, rf"param::{esc(name)} holds .* at index {esc(i)}; accepted: 0 wherever the mask is 0"
-        defect = "meta-bytes"
-    if defect == "meta-bytes":
-        cut = draw(st.integers(0, state["meta"].size - 1))
-        state["meta"] = draw(st.sampled_from([state["meta"][:cut], state["meta"].astype(np.int64), np.zeros(0)]))
-        return state, "has no readable meta"
-    if defect == "meta-field":
-        meta = _json_meta(state)
-        field = draw(st.sampled_from(["engine", "steps_done", "momentum", "kind", "weight_decay"]))
-        if field == "engine":
-            meta["engine"] = draw(st.sampled_from(["portable", "ort-training", "torch", "tflite", None]).filter(
-                lambda e: e != engine.name))
-            message = rf"was saved by engine {esc(repr(meta['engine']))}; this engine is {esc(repr(engine.name))}"
-        elif field == "steps_done":
-            meta["steps_done"] = draw(st.sampled_from([-1, -100, "2", 2.0, True, None, [2]]))
-            message = rf"meta steps_done is {esc(repr(meta['steps_done']))}; accepted: an integer >= 0"
-        else:
-            old = meta["optimizer"][field]
-            new = {"momentum": 0.5, "kind": "sgd" if old == "adamw" else "adamw", "weight_decay": 0.123}[field]
-            meta["optimizer"][field] = new
-            message = rf"was saved with optimizer .*{field} {esc(repr(new))} \(this engine: {esc(repr(old))}\)"
-        return _with_meta(state, meta), message
-    if defect == "negative-exp-avg-sq":
-        key = draw(st.sampled_from([k for k in keys if k.startswith("optim::exp_avg_sq::")]))
-        a = state[key].copy()
-        a[index_in(draw, a.shape)] = -draw(st.floats(f32(1e-30), f32(1e30), width=32))
-        state[key] = a
-        return state, rf"{esc(key)} holds .*; accepted: values >= 0"
-    if defect == "ort-checkpoint-bytes":
-        key = "optim::ort_checkpoint::adamw"
-        state[key] = state[key][:draw(st.integers(0, 64))].copy()
-        return state, rf"onnxruntime-training cannot load {esc(key)} of engine state"
-    return draw(st.sampled_from([list(state.items()), None, "state.npz"])), r"engine state s is a"
-
-
-@EXAMPLES
-@given(data=st.data())
-def test_altered_states_are_refused_by_name(engine, data):
-    state, message = data.draw(altered_states(engine))
-    refuses(engine, lambda: engine.load_state_arrays(state, "s"), ArtifactError, message)
-
-
-@settings(max_examples=20, deadline=None)
-@given(data=st.data())
-def test_altered_state_files_are_refused(engine, folder, data):
-    state, message = data.draw(altered_states(engine))
-    path = folder / "state.npz"
-    if isinstance(state, dict):
-        np.savez(path, **state)
-        message = message.replace("engine state s", "engine state .*")
-    else:  # a file cut short
-        data_bytes = engine.save(path).read_bytes()
-        path.write_bytes(data_bytes[:data.draw(st.integers(0, len(data_bytes) - 1))])
-        message = r"is unreadable"
-    refuses(engine, lambda: engine.load(path), ArtifactError, message)
-
-
-@settings(max_examples=10, deadline=None)
-@given(where=st.sampled_from(["folder", "missing-folder", "not-a-path"]))
-def test_save_to_a_bad_path_writes_nothing(engine, folder, where):
-    target = folder / "save-target"
-    target.mkdir(exist_ok=True)
-    path, exception = {"folder": (target, IsADirectoryError), "missing-folder": (target / "no" / "s.npz", FileNotFoundError),
-                       "not-a-path": (3, TypeError)}[where]
-    refuses(engine, lambda: engine.save(path), exception, esc(path) if where != "not-a-path" else "path is a int")
-    assert list(target.iterdir()) == []
+    refuses(engine, lambda: engine.evaluate(x, size), ValueError,
+            rf"batch_size={esc(repr(size))}; accepted: an integer")
 
 
 # --- the bound that refuses an update: never below what the optimizer computes ------
+BETAS = st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.99, 0.9), (0.9, 0.0)])
 CONFIGS = st.tuples(st.sampled_from(["sgd", "adamw"]), st.floats(0, 10), st.sampled_from([0, 0.5, 0.9]), st.booleans(),
-                    st.sampled_from([0, 1e-2, 0.5]), st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.99, 0.9), (0.9, 0.0)]),
+                    st.sampled_from([0, 1e-2, 0.5]), BETAS,
                     ).map(lambda c: OptimizerConfig(kind=c[0], lr=c[1], momentum=c[2], nesterov=c[3] and c[2] > 0,
                                                     weight_decay=c[4], betas=c[5]))
 
