@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecl.runtime.engine import Batch, Engine
+from edgecl.runtime.checks import check_batch, check_outputs
+from edgecl.runtime.engine import Batch, Engine, StepOutputs
 from edgecl.runtime.manifest import Manifest, load_manifest
 from edgecl.runtime.optim import OptimizerConfig, OptimizerKind
 
@@ -83,24 +84,44 @@ class TorchEngine(Engine):
         for name, m in self._masks.items():
             self._params[name].mul_(m)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._masks:
+    def _forward(self, x: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits with the masked weights; in training mode BatchNorm updates `buffers`, not the model's own."""
+        tensors = {n: self._params[n] * m for n, m in self._masks.items()}
+        tensors.update(buffers or {})
+        if not tensors:
             return self.model(x)
-        effective = {n: self._params[n] * m for n, m in self._masks.items()}
-        return torch.func.functional_call(self.model, effective, (x,), strict=False)
+        return torch.func.functional_call(self.model, tensors, (x,), strict=False)
+
+    def _train_pass(self, batch: Batch, fused: bool) -> StepOutputs:
+        """Forward and backward on copies of the running statistics; fused: gradients into .grad (views returned)."""
+        self.model.train()
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        logits = self._forward(torch.from_numpy(batch.x), buffers)
+        ce = nn.functional.cross_entropy(logits, torch.from_numpy(batch.y), reduction="none")
+        loss = (torch.from_numpy(batch.sample_weight) * ce).sum()
+        if batch.logit_weight.any():
+            mse = ((logits - torch.from_numpy(batch.target_logits)) ** 2).mean(dim=1)
+            loss = loss + (torch.from_numpy(batch.logit_weight) * mse).sum()
+        names = list(self.trainable_shapes)
+        if fused:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = {n: self._params[n].grad.numpy() for n in names}
+        else:
+            grads = {n: g.detach().numpy().copy()
+                     for n, g in zip(names, torch.autograd.grad(loss, [self._params[n] for n in names]))}
+        return StepOutputs(float(loss.detach()), logits.detach().numpy().copy(), grads,
+                           {n: b.numpy() for n, b in buffers.items()})
 
     # --- engine interface -------------------------------------------------
-    def _loss_and_grads(self, batch: Batch):
-        self.model.train()
-        x = torch.from_numpy(batch.x)
-        logits = self._forward(x)
-        ce = nn.functional.cross_entropy(logits, torch.from_numpy(batch.y), reduction="none")
-        mse = ((logits - torch.from_numpy(batch.target_logits)) ** 2).mean(dim=1)
-        loss = (torch.from_numpy(batch.sample_weight) * ce).sum() + (torch.from_numpy(batch.logit_weight) * mse).sum()
-        names = list(self.trainable_shapes)
-        grads = torch.autograd.grad(loss, [self._params[n] for n in names])
-        self.last_logits = logits.detach().numpy().copy()
-        return float(loss.detach()), {n: g.detach().numpy().copy() for n, g in zip(names, grads)}
+    def _forward_backward(self, batch: Batch) -> StepOutputs:
+        return self._train_pass(batch, fused=False)
+
+    @torch.no_grad()
+    def _commit_buffers(self, buffers):
+        own = dict(self.model.named_buffers())
+        for name, value in buffers.items():
+            own[name].copy_(torch.from_numpy(value))
 
     def _apply_gradients(self, grads):
         for name, g in grads.items():
@@ -110,24 +131,35 @@ class TorchEngine(Engine):
         self._apply_masks()
 
     def step(self, x, y, sample_weight=None, target_logits=None, logit_weight=None) -> float:
-        """Fused eager step (backward into .grad, then optimizer.step()): the fair baseline."""
-        from edgecl.runtime.engine import check_batch
-
+        """Fused eager step (backward into .grad, then optimizer.step()): the fair baseline; checked as Engine.step."""
         b = check_batch(self.manifest, x, y, sample_weight, target_logits, logit_weight)
-        self.model.train()
-        logits = self._forward(torch.from_numpy(b.x))
-        ce = nn.functional.cross_entropy(logits, torch.from_numpy(b.y), reduction="none")
-        loss = (torch.from_numpy(b.sample_weight) * ce).sum()
-        if b.logit_weight.any():
-            mse = ((logits - torch.from_numpy(b.target_logits)) ** 2).mean(dim=1)
-            loss = loss + (torch.from_numpy(b.logit_weight) * mse).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.last_logits = logits.detach().numpy().copy()
+        try:
+            out = self._train_pass(b, fused=True)
+            self._check_update(out.grads, check_outputs(b.x, out.loss, out.logits, out.grads, out.buffers))
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self._commit(out)
         self.optimizer.step()
         self._apply_masks()
         self.steps_done += 1
-        return float(loss.detach())
+        return out.loss
+
+    def _weight(self, name):
+        return self._params[name].detach().numpy()
+
+    def _optimizer_slots(self, name):
+        state = self.optimizer.state.get(self._params[name], {})
+        slots = [state.get(k) for k in ("momentum_buffer", "exp_avg")]
+        return tuple(None if s is None else s.numpy() for s in slots)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @torch.no_grad()
     def _evaluate(self, x):
@@ -157,10 +189,6 @@ class TorchEngine(Engine):
     def buffers(self):
         return {n: b.detach().numpy().copy() for n, b in self.model.named_buffers() if b.dtype.is_floating_point}
 
-    def set_learning_rate(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def _state_arrays(self):
         out = {f"param::{n}": v for n, v in self.parameters().items()}
         out.update({f"mask::{n}": v for n, v in self.masks().items()})
@@ -170,8 +198,20 @@ class TorchEngine(Engine):
                 out[f"optim::{slot}::{name}"] = val.numpy().copy() if isinstance(val, torch.Tensor) else np.asarray(val)
         return out
 
+    def _optimizer_specs(self, steps):
+        if steps == 0:
+            return {}
+        f32 = np.dtype(np.float32)
+        if self.optimizer_config.kind is OptimizerKind.SGD:
+            slots = {"momentum_buffer": None} if self.optimizer_config.momentum else {}
+        else:
+            slots = {"step": ((), f32), "exp_avg": None, "exp_avg_sq": None}  # torch keeps `step` as a float tensor
+        return {f"optim::{slot}::{n}": spec or (shape, f32)
+                for n, shape in self.trainable_shapes.items() for slot, spec in slots.items()}
+
     @torch.no_grad()
-    def _load_state_arrays(self, arrays):
+    def _load_state_arrays(self, arrays, source):
+        own_buffers = dict(self.model.named_buffers())
         for key, val in arrays.items():
             kind, rest = key.split("::", 1)
             if kind == "param":
@@ -179,9 +219,9 @@ class TorchEngine(Engine):
             elif kind == "mask":
                 self._masks[rest] = torch.from_numpy(val.copy())
             elif kind == "buffer":
-                dict(self.model.named_buffers())[rest].copy_(torch.from_numpy(val))
+                own_buffers[rest].copy_(torch.from_numpy(val))
         self.optimizer.state.clear()
         for key, val in arrays.items():
             if key.startswith("optim::"):
                 _, slot, name = key.split("::", 2)
-                self.optimizer.state[self._params[name]][slot] = torch.from_numpy(np.array(val))
+                self.optimizer.state[self._params[name]][slot] = torch.from_numpy(val.copy())

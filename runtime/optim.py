@@ -7,9 +7,34 @@ code runs on any board that has numpy.
 from __future__ import annotations
 
 import dataclasses
+import math
 from enum import Enum
 
 import numpy as np
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# float32's spacing at its maximum is 2^104: a result beyond the maximum by less than half of it
+# (2^103) rounds back to the maximum, so a finite weight moved by less than this stays finite
+# (half of 2^103 again: room for the rounding of lr * direction).
+SAFE_STEP = 2.0**102
+
+
+def check_learning_rate(lr, name: str = "lr") -> float:
+    """`lr` as a float if it is a real number in [0, float32's maximum]; the engines compute in float32.
+
+    Raises:
+        ValueError: naming `name`, the value and what is accepted.
+    """
+    real = isinstance(lr, (int, float, np.integer, np.floating)) and not isinstance(lr, (bool, np.bool_))
+    if not (real and math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
+        raise ValueError(f"{name}={lr!r}; accepted: a finite number >= 0 (at most {FLOAT32_MAX:.4g}, "
+                         f"float32's maximum)")
+    return float(lr)
+
+
+def _check_number(name: str, value) -> None:
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r}; accepted: a number")
 
 
 class OptimizerKind(str, Enum):
@@ -41,19 +66,28 @@ class OptimizerConfig:
             raise ValueError(
                 f"optimizer kind {self.kind!r} is unknown; accepted: {', '.join(k.value for k in OptimizerKind)}"
             ) from None
+        check_learning_rate(self.lr)
+        for name in ("momentum", "dampening", "weight_decay", "eps"):
+            _check_number(name, getattr(self, name))
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov={self.nesterov!r}; accepted: True or False")
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas!r}; accepted: two numbers in [0, 1)")
+        for b in self.betas:
+            _check_number("betas", b)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not (np.isfinite(self.lr) and self.lr >= 0):
-            raise ValueError(f"lr={self.lr!r}; accepted: a finite number >= 0")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum={self.momentum!r}; accepted: 0 <= momentum < 1")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r}; accepted: >= 0")
+        if not 0 <= self.dampening <= 1:
+            raise ValueError(f"dampening={self.dampening!r}; accepted: 0 <= dampening <= 1")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay!r}; accepted: a finite number >= 0")
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
-        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+        if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={self.betas!r}; accepted: two numbers in [0, 1)")
-        if self.eps <= 0:
-            raise ValueError(f"eps={self.eps!r}; accepted: > 0")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps={self.eps!r}; accepted: a finite number > 0")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -121,9 +155,80 @@ class NumpyOptimizer:
                 out[f"optim::{slot}::{name}"] = np.asarray(val)
         return out
 
+    def state_specs(self, shapes: dict[str, tuple], steps: int) -> dict[str, tuple[tuple, np.dtype]]:
+        """Key -> (shape, dtype) of every array `state_arrays` holds after `steps` steps over all of `shapes`."""
+        if steps == 0:
+            return {}
+        if self.config.kind is OptimizerKind.SGD:
+            slots = {"momentum": None} if self.config.momentum else {}
+        else:
+            slots = {"exp_avg": None, "exp_avg_sq": None, "step": ((), np.dtype(np.int64))}
+        return {f"optim::{slot}::{name}": spec or (shape, np.dtype(np.float32))
+                for name, shape in shapes.items() for slot, spec in slots.items()}
+
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.state = {}
         for key, val in arrays.items():
             _, slot, name = key.split("::", 2)
             val = np.array(val)
             self.state.setdefault(name, {})[slot] = int(val) if slot == "step" else val
+
+
+def adamw_ratio_bound(betas: tuple[float, float], step: int) -> float:
+    """An upper bound on |m_hat| / sqrt(v_hat) at AdamW step `step` (1 for the first), whatever the gradients.
+
+    With m_t = (1-b1) sum_i b1^(t-i) g_i and v_t = (1-b2) sum_i b2^(t-i) g_i^2 (zero moments at
+    the start), Cauchy-Schwarz gives |m_t| <= (1-b1) sqrt(S_t) sqrt(v_t / (1-b2)) with
+    S_t = sum_{k<t} (b1^2/b2)^k; the bias corrections 1 - b1^t and sqrt(1 - b2^t) give the rest.
+    It is 1 at the first step and 7.3 at most for betas (0.9, 0.999). Returns inf for b2 = 0.
+    """
+    b1, b2 = betas
+    if b2 == 0:
+        return math.inf
+    r = b1 * b1 / b2
+    s = step if r == 1 else (1 - r**step) / (1 - r)
+    return (1 - b1) / (1 - b1**step) * math.sqrt(s * (1 - b2**step) / (1 - b2))
+
+
+def update_bound(config: OptimizerConfig, lr: float, step: int, g_max: float, w_max: float | None = None,
+                 momentum_max: float | None = None, exp_avg_max: float | None = None) -> float:
+    """An upper bound on |w| after one optimizer step of one tensor and on each new term the step computes.
+
+    From the largest |g| of the tensor, and the largest |w|, |momentum buffer| (SGD) or |exp_avg|
+    (AdamW) where the engine read them (None: not read, or not there yet). The new terms are
+    g + wd * w, the momentum buffer, lr * direction, g^2, ...; AdamW's moments are convex
+    combinations of their finite old values and g, g^2. So below float32's maximum, the step
+    cannot overflow. AdamW's |m_hat| / (sqrt(v_hat) + eps) is bounded by `adamw_ratio_bound`, so
+    an engine whose moments are hidden (onnxruntime-training) is covered too. The formulas are
+    those of `NumpyOptimizer.step` (torch's).
+
+    Without w_max the weights are only known to be finite float32: a step that does not scale them
+    up and moves them by less than SAFE_STEP keeps them finite; any other step gets an infinite
+    bound (then pass w_max). Reading no weights keeps the check cheap: it runs every step.
+
+    Args:
+        step: the index of this step, 1 for the first.
+    """
+    c = config
+    if c.kind is OptimizerKind.SGD:
+        g = g_max + c.weight_decay * (FLOAT32_MAX if w_max is None else w_max)
+        if not c.momentum:
+            d = buf = g
+        else:
+            buf = g if momentum_max is None else c.momentum * momentum_max + (1 - c.dampening) * g
+            d = g + c.momentum * buf if c.nesterov else buf
+        scale, move, terms = 1.0, lr * d, (g, buf, d)
+    else:
+        b1, b2 = c.betas
+        ratio = adamw_ratio_bound(c.betas, step)
+        if exp_avg_max is None and step == 1:
+            exp_avg_max = 0.0  # the moments start at zero
+        if exp_avg_max is not None:  # |m_hat| / eps: finite whatever b2
+            ratio = min(ratio, (b1 * exp_avg_max + (1 - b1) * g_max) / (1 - b1**step) / c.eps)
+        scale, move = abs(1 - lr * c.weight_decay), lr * ratio if lr else 0.0  # not 0 * inf
+        terms = (g_max * g_max, g_max / math.sqrt(1 - b2**step), lr / (1 - b1**step))
+    if w_max is None:
+        new_w = 0.0 if scale <= 1 and move < SAFE_STEP else math.inf
+    else:
+        new_w = w_max * scale + move
+    return max(*terms, move, new_w)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Batch, Engine
+from .engine import Batch, Engine, StepOutputs
 from .errors import ArtifactError, BatchError
 from .manifest import Manifest
 from .optim import OptimizerConfig, OptimizerKind
@@ -124,8 +124,12 @@ class OrtTrainingEngine(Engine):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
-    def _open(self, checkpoint: Path) -> None:
-        """Build CheckpointState, Module and Optimizer (replacing the current ones only on success)."""
+    def _open(self, checkpoint: Path, what: str = "") -> None:
+        """Build CheckpointState, Module and Optimizer (replacing the current ones only on success).
+
+        Args:
+            what: the checkpoint's name in an error message (default: the artifact folder's).
+        """
         api = self._api
         try:
             state = api.CheckpointState.load_checkpoint(checkpoint)
@@ -141,7 +145,8 @@ class OrtTrainingEngine(Engine):
             finally:
                 self._options.log_severity_level = level
         except Exception as e:  # ORT raises RuntimeError / its own Fail types for bad files
-            raise ArtifactError(f"onnxruntime-training cannot load the artifacts in {str(self._dir)!r}: {e}") from e
+            what = what or f"the artifacts in {str(self._dir)!r}"
+            raise ArtifactError(f"onnxruntime-training cannot load {what}: {e}") from e
         expected = self.manifest.extra.get("train_inputs")
         if module.input_names() != expected:
             raise ArtifactError(f"training graph inputs are {module.input_names()}; the manifest says {expected}")
@@ -165,32 +170,37 @@ class OrtTrainingEngine(Engine):
             self._param(self._graph[name]).data[...] *= self._param(self._mask_graph[name]).data
 
     # --- engine interface -------------------------------------------------
-    def _loss_and_grads(self, batch: Batch):
+    def _forward_backward(self, batch: Batch) -> StepOutputs:
+        """Loss, logits, gradients and new running statistics; ORT's forward/backward writes none of its
+        parameters, masks or running statistics (only its gradient buffers), and nothing is written back here."""
         n = batch.x.shape[0]
         for layer in self._batchnorm:
             if n * layer["spatial"] < 2:
                 raise BatchError(f"x has {n} sample(s) and BatchNorm {layer['mean'].rsplit('.', 1)[0]!r} sees "
                                  f"{layer['spatial']} value(s) per channel per sample; accepted: N * H * W >= 2")
-        old_vars = [self._param(self._buffer_graph[layer["var"]]).data.copy() for layer in self._batchnorm]
         self._module.train()
         self._module.lazy_reset_grad()  # the graph accumulates into the gradient buffers otherwise
         outs = dict(zip(self._outputs, self._module(batch.x, batch.y, batch.sample_weight, batch.target_logits,
                                                     batch.logit_weight)))
-        for layer, old_var in zip(self._batchnorm, old_vars):
-            self._update_running_stats(layer, outs, old_var, n)
+        buffers = {}
+        for layer in self._batchnorm:
+            buffers.update(self._running_stats(layer, outs, n))
         grads = {name: self._param(self._graph[name]).grad.copy() for name in self.trainable_shapes}
-        self.last_logits = np.array(outs["logits"])
-        return float(outs["loss"]), grads
+        return StepOutputs(float(outs["loss"]), np.array(outs["logits"]), grads, buffers)
 
-    def _update_running_stats(self, layer: dict, outs: dict, old_var: np.ndarray, n: int) -> None:
-        """Write BatchNorm's updated running statistics back, with torch's unbiased variance."""
+    def _running_stats(self, layer: dict, outs: dict, n: int) -> dict[str, np.ndarray]:
+        """BatchNorm's updated running statistics, with torch's unbiased variance."""
         count = n * layer["spatial"]
         keep = np.float32(1.0 - layer["momentum"])  # ONNX momentum: the weight of the old value
+        old_var = self._param(self._buffer_graph[layer["var"]]).data
         new_var = outs["updated::" + layer["var"]]
         # ORT: keep*old + (1-keep)*biased; torch: keep*old + (1-keep)*biased*count/(count-1)
         unbiased = new_var + (new_var - keep * old_var) / np.float32(count - 1)
-        self._param(self._buffer_graph[layer["var"]]).data[...] = unbiased
-        self._param(self._buffer_graph[layer["mean"]]).data[...] = outs["updated::" + layer["mean"]]
+        return {layer["var"]: unbiased, layer["mean"]: np.array(outs["updated::" + layer["mean"]])}
+
+    def _commit_buffers(self, buffers):
+        for name, value in buffers.items():
+            self._param(self._buffer_graph[name]).data[...] = value
 
     def _apply_gradients(self, grads):
         c = self.optimizer_config
@@ -248,12 +258,20 @@ class OrtTrainingEngine(Engine):
     def buffers(self) -> dict[str, np.ndarray]:
         return {name: self._param(g).data.copy() for name, g in self._buffer_graph.items()}
 
-    def set_learning_rate(self, lr: float) -> None:
-        """Set the learning rate of the next steps (ORT's optimizer and the numpy weight decay)."""
-        if not (np.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr={lr!r}; accepted: a finite number >= 0")
-        self._lr = float(lr)
-        self._optimizer.set_learning_rate(self._lr)
+    def _weight(self, name):
+        return self._param(self._graph[name]).data
+
+    def _optimizer_slots(self, name):
+        return self._momentum.get(name), None  # AdamW's moments: inside ORT, unread
+
+    @property
+    def learning_rate(self) -> float:
+        return self._lr
+
+    def _set_learning_rate(self, lr: float) -> None:
+        """The learning rate of the next steps (ORT's optimizer and the numpy weight decay)."""
+        self._lr = lr
+        self._optimizer.set_learning_rate(lr)
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         out = {f"param::{n}": v for n, v in self.parameters().items()}
@@ -267,29 +285,24 @@ class OrtTrainingEngine(Engine):
                 out[ADAMW_STATE_KEY] = np.frombuffer(path.read_bytes(), np.uint8).copy()
         return out
 
-    def _load_state_arrays(self, arrays) -> None:
-        kind = self.optimizer_config.kind
-        accepted = {f"mask::{n}" for n in self._mask_graph} | {f"buffer::{n}" for n in self._buffer_graph}
-        accepted |= {f"param::{n}" for n in self._graph}
-        accepted |= {ADAMW_STATE_KEY} if kind is OptimizerKind.ADAMW else {
-            f"optim::momentum_buffer::{n}" for n in self.trainable_shapes}
-        unknown = sorted(set(arrays) - accepted)
-        if unknown:  # checked before anything changes, so a refused state leaves the engine as it was
-            raise ArtifactError(f"engine state holds {unknown[:3]}, which this model with a {kind.value} "
-                                f"optimizer cannot use; load it with the model and optimizer that saved it")
-        if ADAMW_STATE_KEY in arrays:
+    def _optimizer_specs(self, steps):
+        if self.optimizer_config.kind is OptimizerKind.ADAMW:
+            return {ADAMW_STATE_KEY: (None, np.dtype(np.uint8))}  # ORT's checkpoint bytes, any length
+        if not (self.optimizer_config.momentum and steps):
+            return {}
+        return {f"optim::momentum_buffer::{n}": (s, np.dtype(np.float32)) for n, s in self.trainable_shapes.items()}
+
+    def _load_state_arrays(self, arrays, source) -> None:
+        if ADAMW_STATE_KEY in arrays:  # an unreadable checkpoint raises in _open before anything is replaced
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "checkpoint"
-                path.write_bytes(np.asarray(arrays[ADAMW_STATE_KEY], np.uint8).tobytes())
-                self._open(path)  # ORT restores moments and step count only when it builds the Optimizer
-        elif kind is OptimizerKind.ADAMW:
-            self._open(self._dir / "checkpoint")  # no saved moments: start from zero, like torch
-        self._momentum = {k.split("::", 2)[2]: np.array(v, np.float32) for k, v in arrays.items()
+                path.write_bytes(arrays[ADAMW_STATE_KEY].tobytes())
+                # ORT restores moments and step count only when it builds the Optimizer
+                self._open(path, f"{ADAMW_STATE_KEY} of engine state {source}")
+        self._momentum = {k.split("::", 2)[2]: v.copy() for k, v in arrays.items()
                           if k.startswith("optim::momentum_buffer::")}
         graph_names = {"param": self._graph, "mask": self._mask_graph, "buffer": self._buffer_graph}
         for key, val in arrays.items():
             section, _, name = key.partition("::")
             if section in graph_names:
                 self._param(graph_names[section][name]).data[...] = val
-        self._apply_masks(self._mask_graph)
-

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Batch, Engine
+from .engine import Batch, Engine, StepOutputs
 from .errors import ArtifactError
 from .manifest import Manifest
-from .optim import NumpyOptimizer, OptimizerConfig
+from .optim import NumpyOptimizer, OptimizerConfig, check_learning_rate
 from .session import make_session
 
 
@@ -57,19 +57,26 @@ class PortableEngine(Engine):
         feed.update({f"buffer::{n}": v for n, v in self._buffers.items()})
         return feed
 
-    def _loss_and_grads(self, batch: Batch):
+    def _forward_backward(self, batch: Batch) -> StepOutputs:
         feed = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight,
                 "target_logits": batch.target_logits, "logit_weight": batch.logit_weight, **self._state_feed()}
         outs = dict(zip(self._step_outputs, self._step.run(self._step_outputs, feed)))
-        for n in self._buffers:
-            self._buffers[n] = outs[f"buffer_out::{n}"]
-        grads = {n: outs[f"grad::{n}"] for n in self.trainable_shapes}
-        self.last_logits = outs["logits"]
-        return float(outs["loss"]), grads
+        return StepOutputs(float(outs["loss"]), outs["logits"], {n: outs[f"grad::{n}"] for n in self.trainable_shapes},
+                           {n: outs[f"buffer_out::{n}"] for n in self._buffers})
+
+    def _commit_buffers(self, buffers):
+        self._buffers.update(buffers)
 
     def _apply_gradients(self, grads):
         self._optimizer.step(self._params, grads)
         self._apply_masks(grads.keys() & self._masks.keys())
+
+    def _weight(self, name):
+        return self._params[name]
+
+    def _optimizer_slots(self, name):
+        slots = self._optimizer.state.get(name, {})
+        return slots.get("momentum"), slots.get("exp_avg")
 
     def _evaluate(self, x):
         return self._forward.run(["logits"], {"x": x, **self._state_feed()})[0]
@@ -93,23 +100,41 @@ class PortableEngine(Engine):
     def buffers(self):
         return {n: v.copy() for n, v in self._buffers.items()}
 
-    def set_learning_rate(self, lr: float) -> None:
-        if not (np.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr={lr!r}; accepted: a finite number >= 0")
-        self._optimizer.lr = float(lr)
+    @property
+    def learning_rate(self) -> float:
+        return self._optimizer.lr
+
+    def _set_learning_rate(self, lr: float) -> None:
+        self._optimizer.lr = lr
 
     def _state_arrays(self):
-        out = {f"param::{n}": v for n, v in self._params.items()}
-        out.update({f"mask::{n}": v for n, v in self._masks.items()})
-        out.update({f"buffer::{n}": v for n, v in self._buffers.items()})
-        out.update(self._optimizer.state_arrays())
+        out = {f"param::{n}": v.copy() for n, v in self._params.items()}
+        out.update({f"mask::{n}": v.copy() for n, v in self._masks.items()})
+        out.update({f"buffer::{n}": v.copy() for n, v in self._buffers.items()})
+        out.update({k: v.copy() for k, v in self._optimizer.state_arrays().items()})
         out["optim_meta"] = np.array([self._optimizer.step_count, self._optimizer.lr], np.float64)
         return out
 
-    def _load_state_arrays(self, arrays):
-        self._params = {n: arrays[f"param::{n}"].astype(np.float32) for n in self.param_shapes}
-        self._masks = {n: arrays[f"mask::{n}"].astype(np.float32) for n in self.mask_shapes}
-        self._buffers = {n: arrays[f"buffer::{n}"].astype(np.float32) for n in self._buffers}
+    def _optimizer_specs(self, steps):
+        specs = self._optimizer.state_specs(self.trainable_shapes, steps)
+        specs["optim_meta"] = ((2,), np.dtype(np.float64))
+        return specs
+
+    def _check_optimizer_state(self, arrays, steps, source):
+        super()._check_optimizer_state(arrays, steps, source)
+        count, lr = arrays["optim_meta"]
+        if count != steps:
+            raise ArtifactError(f"engine state {source}: optim_meta counts {count!r} optimizer steps; accepted: "
+                                f"{steps}, meta steps_done")
+        try:
+            check_learning_rate(lr)
+        except ValueError as e:
+            raise ArtifactError(f"engine state {source}: optim_meta holds {e}") from None
+
+    def _load_state_arrays(self, arrays, source):
+        self._params = {n: arrays[f"param::{n}"].copy() for n in self.param_shapes}
+        self._masks = {n: arrays[f"mask::{n}"].copy() for n in self.mask_shapes}
+        self._buffers = {n: arrays[f"buffer::{n}"].copy() for n in self._buffers}
         self._optimizer.load_state_arrays({k: v for k, v in arrays.items() if k.startswith("optim::")})
         count, lr = arrays["optim_meta"]
         self._optimizer.step_count, self._optimizer.lr = int(count), float(lr)

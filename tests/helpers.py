@@ -71,6 +71,7 @@ TIME_SCALE = float(os.environ.get("EDGECL_TEST_TIME_SCALE", "1"))
 FIXTURES = (
     ("mlp", "portable", "weights", None),
     ("cnn", "portable", "weights", None),
+    ("resnet", "portable", "weights", None),  # BatchNorm: tests/runtime/test_engine_*.py
 )
 
 
