@@ -3,6 +3,8 @@
 #   ./bootstrap.sh run    set up, then run the main job (edgecl run)
 #   ./bootstrap.sh test   set up, then run the whole test suite
 # Set-up is idempotent: system packages, .venv at the repository root, Python packages.
+# pip runs with -qq: errors only (this machine's pip configuration names wheel folders that may be
+# absent, and pip warns about each; setuptools warns about every editable install).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -15,9 +17,11 @@ need_apt=()
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== apt-get install ${need_apt[*]}"
-    apt-get update -qq >/dev/null || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null || \
-      echo "warning: could not install ${need_apt[*]}; tests needing them will say so"
+    apt_log=$(mktemp)  # apt's notes (debconf without apt-utils) are shown only if the install fails
+    apt-get update -qq >"$apt_log" 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >>"$apt_log" 2>&1 || \
+      { cat "$apt_log" >&2; echo "warning: could not install ${need_apt[*]}; tests needing them will say so"; }
+    rm -f "$apt_log"
   else
     echo "note: not root or no apt-get; skipped system packages: ${need_apt[*]}"
   fi
@@ -26,10 +30,10 @@ fi
 [ -x .venv/bin/python ] || { echo "== creating .venv"; "$PYTHON" -m venv .venv; }
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ bootstrap.sh -nt "$STAMP" ]; then
   echo "== installing packages into .venv (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -qq --upgrade pip
   # torch first and pinned: the CPU build; an open range would pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -qq torch==2.13.0
+  .venv/bin/python -m pip install -qq -e '.[dev]'
   touch "$STAMP"
 fi
 
@@ -42,7 +46,7 @@ if [ "${1:-run}" = test ] && { [ ! -f .venv-stock-ort/.ok ] || [ pyproject.toml 
                                [ bootstrap.sh -nt .venv-stock-ort/.ok ]; }; then
   echo "== creating .venv-stock-ort (the package's dependencies as on an aarch64 board: stock onnxruntime, no torch)"
   "$PYTHON" -m venv --clear .venv-stock-ort
-  .venv-stock-ort/bin/python -m pip install -q packaging
+  .venv-stock-ort/bin/python -m pip install -qq packaging
   mapfile -t board_reqs < <(.venv-stock-ort/bin/python -c '
 import tomllib
 from packaging.markers import default_environment
@@ -54,8 +58,8 @@ with open("pyproject.toml", "rb") as f:
         if req.marker is None or req.marker.evaluate(env):
             req.marker = None
             print(req)')
-  .venv-stock-ort/bin/python -m pip install -q "${board_reqs[@]}"
-  .venv-stock-ort/bin/python -m pip install -q --no-deps -e .  # its dependencies: the ones just installed
+  .venv-stock-ort/bin/python -m pip install -qq "${board_reqs[@]}"
+  .venv-stock-ort/bin/python -m pip install -qq --no-deps -e .  # its dependencies: the ones just installed
   touch .venv-stock-ort/.ok
 fi
 
