@@ -170,7 +170,8 @@ def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -
 
     Raises:
         FileNotFoundError: artifact or data not on the board. ValueError: the run id exists with
-            another spec (pass restart=True to start over), or a bad spec / budget.
+            another spec (pass restart=True to start over), a bad spec / budget, or a buffer or budget
+            larger than this board's memory; nothing is written on the board then.
     """
     import shutil
 
@@ -180,13 +181,14 @@ def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -
     if saved.is_file() and not restart and json.loads(saved.read_text()) != mine:
         raise ValueError(f"run {spec.run!r} exists on the board with another spec; accepted: the same spec "
                          f"(resumes) or restart")
+    scenario = build_scenario(spec.data, workdir)
+    engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
+    # before anything is written: build_learner refuses a buffer or budget this board's memory cannot hold
+    learner, plan, _ = build_learner(engine, scenario, spec, _ReportingLearner)
+    learner.on_step = on_step
     if restart:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    scenario = build_scenario(spec.data, workdir)
-    engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
-    learner, plan, _ = build_learner(engine, scenario, spec, _ReportingLearner)
-    learner.on_step = on_step
     write_atomic(saved, json.dumps(mine))
     extra = {"job": spec.to_dict(), "label": spec.strategy().label, "budget_plan": plan,
              "device": {"machine": platform.machine(), "python": platform.python_version()}}
