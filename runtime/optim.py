@@ -7,9 +7,20 @@ code runs on any board that has numpy.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from enum import Enum
 
 import numpy as np
+
+
+# The largest learning rate accepted. Published SGD learning rates stay below it (30 for
+# MoCo's linear probe is about the largest); one above it is a typo (1e3 for 1e-3) that would
+# blow the weights up to inf within a few steps, mid-run, instead of being refused up front.
+MAX_LR = 100.0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars are numbers.Real
 
 
 class OptimizerKind(str, Enum):
@@ -41,19 +52,23 @@ class OptimizerConfig:
             raise ValueError(
                 f"optimizer kind {self.kind!r} is unknown; accepted: {', '.join(k.value for k in OptimizerKind)}"
             ) from None
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not (np.isfinite(self.lr) and self.lr >= 0):
-            raise ValueError(f"lr={self.lr!r}; accepted: a finite number >= 0")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r}; accepted: 0 <= momentum < 1")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r}; accepted: >= 0")
+        for name, ok, accepted in (
+                ("lr", lambda v: 0 <= v <= MAX_LR, f"a finite number in [0, {MAX_LR:g}]"),
+                ("momentum", lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+                ("dampening", lambda v: 0 <= v <= 1, "0 <= dampening <= 1"),
+                ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
+                ("eps", lambda v: v > 0, "a finite number > 0")):
+            value = getattr(self, name)
+            if not (_is_number(value) and np.isfinite(value) and ok(value)):
+                raise ValueError(f"{name}={value!r}; accepted: {accepted}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov={self.nesterov!r}; accepted: True or False")
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
-        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas={self.betas!r}; accepted: two numbers in [0, 1)")
-        if self.eps <= 0:
-            raise ValueError(f"eps={self.eps!r}; accepted: > 0")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
