@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import textwrap
 from pathlib import Path
 
@@ -108,6 +109,21 @@ class Prepared:
     artifacts: dict  # engine -> Path (ONNX engines only)
     batch_file: Path
     torch_model: object = dataclasses.field(repr=False, compare=False)  # the exported nn.Module
+
+
+def check_seed_and_python(seed, runtime_python) -> None:
+    """The seed of a measurement (an int RunConfig accepts) and the interpreter of its runtime-only children.
+
+    Raises:
+        ValueError: a seed outside [0, 2**64 - 1], or a runtime_python that is not an executable file.
+    """
+    from edgecl.runtime.loop import MAX_SEED
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r}; accepted: an integer >= 0 and <= 2**64 - 1")
+    if runtime_python is not None and not (os.path.isfile(runtime_python) and os.access(runtime_python, os.X_OK)):
+        raise ValueError(f"runtime_python={runtime_python!r} is not an executable file; accepted: the path of a "
+                         "Python interpreter, e.g. .venv-stock-ort/bin/python")
 
 
 def check_engines(engines) -> tuple[str, ...]:

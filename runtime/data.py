@@ -407,6 +407,8 @@ def _to_unit_float(pixels: np.ndarray) -> np.ndarray:
 
 def _existing_file(path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; accepted: a file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     return path
