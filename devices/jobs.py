@@ -22,7 +22,7 @@ import numpy as np
 from edgecl.runtime.data import Dataset, load_dataset
 from edgecl.runtime.files import write_atomic
 from edgecl.runtime.job import LearnerSpec, build_learner
-from edgecl.runtime.loop import RunResult, run_scenario
+from edgecl.runtime.loop import RunConfig, RunResult, run_scenario
 from edgecl.runtime.metrics import class_il_accuracy, task_il_accuracy
 from edgecl.runtime.optim import OptimizerConfig
 from edgecl.runtime.scenarios import Scenario, permuted_scenario, split_scenario, train_test_split
@@ -74,6 +74,7 @@ class DataSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= 1")
+        RunConfig(seed=self.seed)  # the same seeds as a run's
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -73,6 +73,9 @@ class SparCLConfig:
             object.__setattr__(self, "tdm_schedule", TDMSchedule.from_dict(self.tdm_schedule))
         if isinstance(self.ddr_schedule, dict):
             object.__setattr__(self, "ddr_schedule", DDRSchedule.from_dict(self.ddr_schedule))
+        for name, cls in (("tdm_schedule", TDMSchedule), ("ddr_schedule", DDRSchedule)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: a {cls.__name__} or its dict")
 
 
 @dataclasses.dataclass(frozen=True)
