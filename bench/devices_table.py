@@ -39,6 +39,8 @@ def devices_table(profile_files=(), host: bool = True, probe: bool = False, thre
         FileNotFoundError / ValueError: a user file that is missing, malformed or incomplete.
         ValueError: a `cache` that is a folder, or that is to be written and cannot be (checked before probing).
     """
+    if host and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r}; accepted: an integer >= 1")  # also when the cache spares the probe
     if host and cache is not None:
         cache = Path(cache)
         if cache.is_dir():

@@ -167,9 +167,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"input shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8") from None
+        raise ValueError(f"--input-shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8") from None
     if any(d < 1 for d in shape):
-        raise ValueError(f"input shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8")
+        raise ValueError(f"--input-shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8")
     return shape
 
 
