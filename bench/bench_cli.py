@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
     p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
     p.add_argument("--method", default="derpp", choices=["finetune", "joint", "er", "derpp"])
-    p.add_argument("--sparsity", type=float, default=0.75)
-    p.add_argument("--dense", action="store_true", help="no SparCL")
+    p.add_argument("--sparsity", type=float, default=None, help="SparCL weight sparsity (default 0.75)")
+    p.add_argument("--dense", action="store_true", help="no SparCL (no --sparsity)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the data set's, as edgecl run)")
-    p.add_argument("--buffer", type=int, default=500)
+    p.add_argument("--buffer", type=int, default=None, help="replay examples (default 500; er and derpp only)")
     p.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--engine-a", default="portable", choices=["portable", "ort-training", "torch"])
     p.add_argument("--engine-b", default="torch", choices=["portable", "ort-training", "torch"])
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _matrix(args) -> int:
     from edgecl.bench.matrix import markdown_table, run_matrix, summarize
 
-    run_matrix(args.strategies.split(","), [int(s) for s in args.seeds.split(",")], args.out, args.data,
-               args.epochs, args.buffer, args.workers, model=args.model)
+    run_matrix(args.strategies.split(","), seeds_flag(args.seeds), args.out, args.data, args.epochs, args.buffer,
+               args.workers, model=args.model)
     print(markdown_table(summarize(args.out)))
     return 0
 
@@ -78,13 +78,17 @@ def _drift(args) -> int:
     from edgecl.bench.drift import format_table, measure_drift
     from edgecl.runtime.files import prepare_output, write_atomic
 
+    from edgecl.devices.cli import learner_flags
+
+    learner_flags(args)
+    seeds = seeds_flag(args.seeds)
     defaults = DATA_DEFAULTS[args.data]
     job = JobConfig(data=args.data, model=args.model, engine=args.engine_a, method=args.method,
                     sparsity=None if args.dense else args.sparsity, buffer=args.buffer,
                     epochs=defaults["epochs"] if args.epochs is None else args.epochs, lr=defaults["lr"], threads=1)
     if args.json:
         prepare_output(args.json)  # before minutes of runs
-    result = measure_drift(job, [int(s) for s in args.seeds.split(",")], args.engine_b, args.out)
+    result = measure_drift(job, seeds, args.engine_b, args.out)
     print(format_table(result))
     if args.json:
         write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
@@ -107,21 +111,41 @@ def _step(args) -> int:
 
     from edgecl.bench.step_latency import format_table, step_latency
 
-    shape = tuple(int(d) for d in args.input_shape.split("x"))
-    result = step_latency(args.model, shape, args.batch, args.threads, args.repeats)
+    from edgecl.bench.fresh_process import parse_shape
+
+    result = step_latency(args.model, parse_shape(args.input_shape), args.batch, args.threads, args.repeats)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
 
+def seeds_flag(text: str) -> list[int]:
+    """--seeds "0,1,2" as integers; RunConfig checks their range.
+
+    Raises:
+        ValueError: naming --seeds, the text and what is accepted.
+    """
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}; accepted: integers separated by commas, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} repeats a seed; accepted: distinct integers, e.g. 0,1,2")
+    return seeds
+
+
 def main(argv=None) -> int:
+    from edgecl.bench.flags import command_options, name_flags
     from edgecl.runtime.errors import EdgeclError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    # EdgeclError: e.g. no agent on a serial port; FileNotFoundError: e.g. no run JSON in a folder
-    except (ValueError, RuntimeError, FileNotFoundError, PermissionError, EdgeclError) as e:
-        print(f"bench {args.command}: error: {e}", file=sys.stderr)
+    # EdgeclError: e.g. no agent on a serial port; FileNotFoundError: e.g. no run JSON in a folder; KeyError: a
+    # missing key of a file read (its name is the message)
+    except (ValueError, RuntimeError, KeyError, FileNotFoundError, PermissionError, EdgeclError) as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"bench {args.command}: error: {name_flags(message, command_options(parser, args))}", file=sys.stderr)
         return 2
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecl.bench.fresh_process import MODEL_NAMES
 from edgecl.runtime.data import load_digits, load_fashion_mnist
-from edgecl.runtime.job import LearnerSpec, build_learner
+from edgecl.runtime.job import LearnerSpec, build_learner, check_memory
 from edgecl.runtime.locks import folder_lock
 from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.resume import check_resume
@@ -46,6 +47,10 @@ class JobConfig(LearnerSpec):
             raise ValueError(f"scenario={self.scenario!r}; accepted: split, permuted")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}; accepted: {', '.join(ENGINES)}")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model={self.model!r}; accepted: {', '.join(MODEL_NAMES)}")
+        if not isinstance(self.nudge_ulp, bool):
+            raise ValueError(f"nudge_ulp={self.nudge_ulp!r}; accepted: True or False")
         super().__post_init__()
 
 
@@ -109,6 +114,7 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
         check_resume(checkpoint_dir, dataclasses.asdict(job))
     out_dir = Path(out_dir)
     scenario = load_scenario(job.data, job.seed, job.scenario)
+    check_memory(job, scenario.input_shape, scenario.num_classes)  # before the export, not at the allocation after it
     model, folder = _export_cached(job, scenario, out_dir)
     optimizer = job.optimizer()
     engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"

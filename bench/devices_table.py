@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from edgecl.devices.profiles import FIGURES, DeviceProfile, all_profiles, find_profile, host_profile
+from edgecl.runtime.files import prepare_output
 
 DEFAULT_HOST_CACHE = Path.home() / ".cache" / "edgecl" / "host-profile.toml"
 
@@ -36,7 +37,19 @@ def devices_table(profile_files=(), host: bool = True, probe: bool = False, thre
         cache: where the host measurement is kept (None: probe every time, keep nothing).
     Raises:
         FileNotFoundError / ValueError: a user file that is missing, malformed or incomplete.
+        ValueError: a `cache` that is a folder, or that is to be written and cannot be (checked before probing).
     """
+    if host and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r}; accepted: an integer >= 1")  # also when the cache spares the probe
+    if host and cache is not None:
+        cache = Path(cache)
+        if cache.is_dir():
+            raise ValueError(f"cache={str(cache)!r} is a folder; accepted: a file path (a TOML file is written there)")
+        if probe or not cache.is_file():  # the probe's result will be written there
+            try:
+                prepare_output(cache)
+            except ValueError as e:
+                raise ValueError(f"cache={str(cache)!r}: {e}") from None
     hp = host_profile(cache, probe=probe, threads=threads) if host else None
     return DevicesTable(tuple(all_profiles(profile_files, host=hp).values()))
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
+from edgecl.runtime.files import check_output_dir
+
 from .cl_run import JobConfig, run_job
 
 
@@ -57,7 +59,8 @@ def measure_drift(job: JobConfig, seeds, engine_b: str = "torch", out_dir="out",
     """Three runs per seed (job.engine, engine_b, job.engine with one ulp moved); see the module doc.
 
     Raises:
-        ValueError: no seeds, engine_b equal to job.engine, or what JobConfig refuses.
+        ValueError: no seeds, engine_b equal to job.engine, an `out_dir` that cannot be a folder, or
+            what JobConfig refuses (for any seed, before the first run).
     """
     from tqdm import tqdm
 
@@ -67,12 +70,16 @@ def measure_drift(job: JobConfig, seeds, engine_b: str = "torch", out_dir="out",
     if engine_b == job.engine:
         raise ValueError(f"engine_b={engine_b!r} is the job's own engine; accepted: another of portable, "
                          "ort-training, torch")
-    rows = []
-    bar = tqdm(total=3 * len(seeds), unit="run", disable=not progress)
+    check_output_dir(out_dir)
+    runs = []  # every run's config first: a bad seed or engine is refused before the first run, not after some
     for seed in seeds:
         a = dataclasses.replace(job, seed=seed)
+        runs.append((seed, (a, dataclasses.replace(a, engine=engine_b), dataclasses.replace(a, nudge_ulp=True))))
+    rows = []
+    bar = tqdm(total=3 * len(seeds), unit="run", disable=not progress)
+    for seed, variants in runs:
         accs = []
-        for variant in (a, dataclasses.replace(a, engine=engine_b), dataclasses.replace(a, nudge_ulp=True)):
+        for variant in variants:
             result, _, _ = run_job(variant, out_dir, progress=False)
             accs.append(result.acc)
             bar.update(1)

@@ -49,7 +49,30 @@ def _train(args) -> int:
     return 0
 
 
+def run_job_config(args):
+    """The JobConfig `edgecl run` ARGS asks for, every flag checked, also against the others, before any work.
+
+    Also what `bench run` checks each cell's arguments with before starting any.
+
+    Raises:
+        ValueError: a bad value (the config's message; `main` names the flag) or contradictory flags.
+    """
+    from edgecl.bench.cl_run import DATA_DEFAULTS, JobConfig
+    from edgecl.devices.cli import learner_flags
+
+    learner_flags(args)
+    defaults = DATA_DEFAULTS[args.data]
+    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
+    args.lr = defaults["lr"] if args.lr is None else args.lr
+    return JobConfig(data=args.data, scenario=args.scenario, model=args.model, engine=args.engine, method=args.method,
+                     sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
+                     ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget, epochs=args.epochs,
+                     batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+                     checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp)
+
+
 def _run(args) -> int:
+    run_job_config(args)  # every flag, before the export
     from edgecl.bench.cl_run import JobConfig, format_result, plot_formats, plot_result, run_job
     from edgecl.runtime.budget import parse_bytes
     from edgecl.runtime.files import prepare_output, write_atomic
@@ -112,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
     p.add_argument("--engine", default="portable", choices=["portable", "ort-training", "torch"])
     p.add_argument("--method", default="derpp", choices=["finetune", "joint", "er", "derpp"])
-    p.add_argument("--sparsity", type=float, default=0.75, help="SparCL weight sparsity (default 0.75)")
-    p.add_argument("--dense", action="store_true", help="no SparCL: the dense strategy")
+    p.add_argument("--sparsity", type=float, default=None, help="SparCL weight sparsity (default 0.75)")
+    p.add_argument("--dense", action="store_true", help="no SparCL: the dense strategy (no --sparsity)")
     p.add_argument("--no-tdm", action="store_true", help="ablation: fixed mask, no task-aware updates")
     p.add_argument("--no-dgm", action="store_true", help="ablation: dense gradients")
     p.add_argument("--no-ddr", action="store_true", help="ablation: keep all data")
@@ -173,17 +196,21 @@ def _format_run(result) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from edgecl.bench.flags import command_options, name_flags
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, PermissionError) as e:
-        print(f"edgecl {args.command}: error: {e}", file=sys.stderr)
+        print(f"edgecl {args.command}: error: {name_flags(str(e), command_options(parser, args))}", file=sys.stderr)
         return 2
     except Exception as e:
         from edgecl.runtime.errors import EdgeclError
 
         if isinstance(e, EdgeclError):
-            print(f"edgecl {args.command}: error: {e}", file=sys.stderr)
+            print(f"edgecl {args.command}: error: {name_flags(str(e), command_options(parser, args))}",
+                  file=sys.stderr)
             return 2
         raise
 

@@ -8,7 +8,6 @@ by default, `--json` (and `--csv` for flops) for machines.
 from __future__ import annotations
 
 import json
-import sys
 
 from edgecl.bench.fresh_process import MODEL_NAMES
 
@@ -16,9 +15,10 @@ from edgecl.bench.fresh_process import MODEL_NAMES
 def add_parsers(sub) -> None:
     """Add the three subcommands to a `bench` subparsers object."""
     p = sub.add_parser("flops", help="training FLOPs per step/epoch/run, per layer and phase (+ projected latency)")
-    p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
-    p.add_argument("--input-shape", default="1x28x28", help="C x H x W of one sample")
-    p.add_argument("--artifacts", help="an exported folder: use its manifest's layer table instead of --model")
+    p.add_argument("--model", default=None, choices=MODEL_NAMES, help="a model family (default cnn)")
+    p.add_argument("--input-shape", default=None, help="C x H x W of one sample (default 1x28x28)")
+    p.add_argument("--artifacts", help="an exported folder: use its manifest's layer table instead of --model and "
+                   "--input-shape")
     p.add_argument("--batch", type=int, default=32, help="stream examples per step")
     p.add_argument("--replay", type=int, default=0, help="buffer examples added to each step (DER++: 2 x replay batch)")
     p.add_argument("--examples", type=int, default=12_000, help="stream examples per epoch before data removal")
@@ -57,20 +57,6 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_report)
 
 
-def _errors_as_exit_2(command: str):
-    def wrap(handler):
-        def run(args) -> int:
-            from edgecl.runtime.errors import EdgeclError
-
-            try:
-                return handler(args)
-            except (KeyError, FileNotFoundError, EdgeclError) as e:  # bench_cli.main handles ValueError, RuntimeError
-                print(f"bench {command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
-                return 2
-        return run
-    return wrap
-
-
 def _profiles(files, with_host: bool, cache=None, probe: bool = False, threads: int = 2):
     from edgecl.bench.devices_table import DEFAULT_HOST_CACHE, devices_table
 
@@ -78,14 +64,20 @@ def _profiles(files, with_host: bool, cache=None, probe: bool = False, threads: 
                          cache=DEFAULT_HOST_CACHE if cache is None else cache)
 
 
-@_errors_as_exit_2("flops")
 def _flops(args) -> int:
     from edgecl.bench.flops_report import flops_report, format_table, to_csv
     from edgecl.runtime.flops import SparsityConfig
     from edgecl.runtime.optim import OptimizerConfig
 
+    if args.artifacts is not None and (args.model is not None or args.input_shape is not None):
+        given = " and ".join(f for f, v in (("--model", args.model), ("--input-shape", args.input_shape)) if v)
+        raise ValueError(f"{given} with --artifacts {args.artifacts!r}: the artifacts' manifest gives the model and "
+                         "its input; accepted: --artifacts alone, or --model and --input-shape")
+    if args.profile and not args.device:
+        raise ValueError(f"--profile {' '.join(args.profile)} without --device: a profile only matters for the "
+                         "device whose latency is projected; accepted: --device NAME with it")
     try:
-        shape = tuple(int(d) for d in args.input_shape.split("x"))
+        shape = tuple(int(d) for d in (args.input_shape or "1x28x28").split("x"))
     except ValueError:
         raise ValueError(f"--input-shape {args.input_shape!r}; accepted: CxHxW, e.g. 1x28x28") from None
     sparsity = SparsityConfig(args.sparsity, args.grad_density, args.data_removal,
@@ -93,7 +85,7 @@ def _flops(args) -> int:
     device = None
     if args.device:
         device = _profiles(args.profile, with_host=args.device == "host").get(args.device)
-    report = flops_report(args.model, shape, args.artifacts, sparsity, args.batch, args.replay, args.examples,
+    report = flops_report(args.model or "cnn", shape, args.artifacts, sparsity, args.batch, args.replay, args.examples,
                           args.epochs, args.tasks, OptimizerConfig(args.optimizer, momentum=args.momentum), device)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -104,16 +96,18 @@ def _flops(args) -> int:
     return 0
 
 
-@_errors_as_exit_2("devices")
 def _devices(args) -> int:
     from edgecl.bench.devices_table import format_table
 
+    if args.no_host and (args.probe or args.cache is not None):
+        given = " and ".join(f for f, v in (("--probe", args.probe), ("--cache", args.cache)) if v)
+        raise ValueError(f"{given} with --no-host: both are about the host's measurement, which --no-host leaves "
+                         "out; accepted: one or the other")
     table = _profiles(args.profile, not args.no_host, args.cache, args.probe, args.threads)
     print(json.dumps(table.to_dict(), indent=2) if args.json else format_table(table))
     return 0
 
 
-@_errors_as_exit_2("report")
 def _report(args) -> int:
     from edgecl.bench.report import write_report
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import textwrap
 from pathlib import Path
 
@@ -110,6 +111,21 @@ class Prepared:
     torch_model: object = dataclasses.field(repr=False, compare=False)  # the exported nn.Module
 
 
+def check_seed_and_python(seed, runtime_python) -> None:
+    """The seed of a measurement (an int RunConfig accepts) and the interpreter of its runtime-only children.
+
+    Raises:
+        ValueError: a seed outside [0, 2**64 - 1], or a runtime_python that is not an executable file.
+    """
+    from edgecl.runtime.loop import MAX_SEED
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r}; accepted: an integer >= 0 and <= 2**64 - 1")
+    if runtime_python is not None and not (os.path.isfile(runtime_python) and os.access(runtime_python, os.X_OK)):
+        raise ValueError(f"runtime_python={runtime_python!r} is not an executable file; accepted: the path of a "
+                         "Python interpreter, e.g. .venv-stock-ort/bin/python")
+
+
 def check_engines(engines) -> tuple[str, ...]:
     """A non-empty tuple of distinct engine names from ENGINES.
 
@@ -151,9 +167,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"input shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8") from None
+        raise ValueError(f"--input-shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8") from None
     if any(d < 1 for d in shape):
-        raise ValueError(f"input shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8")
+        raise ValueError(f"--input-shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8")
     return shape
 
 

@@ -24,7 +24,10 @@ import time
 
 import numpy as np
 
-from .fresh_process import ENGINES, MODEL_NAMES, NUM_CLASSES, check_engines, check_shape, prepare, rows_csv, run_fresh
+from edgecl.runtime.files import check_output_dir
+
+from .fresh_process import (ENGINES, MODEL_NAMES, NUM_CLASSES, check_engines, check_seed_and_python, check_shape,
+                            prepare, rows_csv, run_fresh)
 
 PHASES = ("train", "infer", "cold_start")
 SOURCES = ("measured", "projected")
@@ -65,6 +68,7 @@ class LatencyConfig:
     def __post_init__(self):
         object.__setattr__(self, "input_shape", check_shape(self.model, self.input_shape))
         object.__setattr__(self, "engines", check_engines(self.engines))
+        check_seed_and_python(self.seed, self.runtime_python)
         for name, low in (("batch", 1), ("threads", 1), ("repeats", 1), ("warmup", 0), ("cold_starts", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -275,6 +279,8 @@ def measure_latency(config: LatencyConfig = LatencyConfig(), artifacts_dir=None)
     Raises:
         ValueError: a device profile that does not exist. RuntimeError: a fresh process failed.
     """
+    if artifacts_dir is not None:
+        check_output_dir(artifacts_dir, "artifacts")  # before measuring: exports are kept there
     if config.serial_port is not None:
         return _measure_on_board(config, artifacts_dir)
     if "torch" not in sys.modules:

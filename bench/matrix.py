@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecl.runtime.files import check_output_dir
+
 # name -> `edgecl run` arguments; the matrix of the README (Split Fashion-MNIST, buffer 500).
 STRATEGIES = {
     "finetune": ["--method", "finetune", "--dense"],
@@ -56,20 +58,31 @@ def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: 
     """Run every (strategy, seed) cell not yet done; returns the JSON paths of all cells.
 
     Raises:
-        ValueError: an unknown strategy name, workers < 1.
+        ValueError: an unknown strategy name, workers < 1, an `out_dir` that cannot be a folder, or
+            any cell's `edgecl run` arguments (a bad seed, epochs or buffer), before any cell starts.
         RuntimeError: a cell failed (its log is named; the others still ran).
     """
     from tqdm import tqdm
 
+    from edgecl.bench.edgecl_cli import build_parser, run_job_config
+
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"strategies {unknown} are unknown; accepted: {', '.join(STRATEGIES)}")
-    if workers < 1:
-        raise ValueError(f"workers={workers}; accepted: >= 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}; accepted: an integer >= 1")
     out_dir = Path(out_dir)
+    cells = [Cell(s, seed) for seed in seeds for s in strategies]  # seed-major: a first full table comes early
+    commands = {c: _cell_arguments(c, out_dir, data, model, epochs, buffer) for c in cells}
+    parser = build_parser()
+    for cell, arguments in commands.items():  # what each `edgecl run` would refuse, refused before any starts
+        try:
+            run_job_config(parser.parse_args(arguments))
+        except ValueError as e:
+            raise ValueError(f"cell {cell.name}: {e}") from None
+    check_output_dir(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     _check_same_setting(out_dir, {"data": data, "model": model, "epochs": epochs, "buffer": buffer})
-    cells = [Cell(s, seed) for seed in seeds for s in strategies]  # seed-major: a first full table comes early
     todo = [c for c in cells if not (out_dir / "runs" / f"{c.name}.json").exists()]
     running: dict[Cell, subprocess.Popen] = {}
     failed = []
@@ -77,10 +90,7 @@ def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: 
     while todo or running:
         while todo and len(running) < workers:
             cell = todo.pop(0)
-            args = [sys.executable, "-m", "edgecl.bench.edgecl_cli", "run", "--data", data, "--model", model, "--epochs", str(epochs),
-                    "--buffer", str(buffer), "--seed", str(cell.seed), "--threads", "1", "--quiet",
-                    "--out", str(out_dir), "--json", str(out_dir / "runs" / f"{cell.name}.json"),
-                    "--checkpoint", str(out_dir / "ckpt" / cell.name), *STRATEGIES[cell.strategy]]
+            args = [sys.executable, "-m", "edgecl.bench.edgecl_cli", *commands[cell]]
             log = open(out_dir / "runs" / f"{cell.name}.log", "w")
             running[cell] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         time.sleep(0.5)
@@ -96,6 +106,20 @@ def run_matrix(strategies, seeds, out_dir, data: str = "fashion-mnist", epochs: 
     return [out_dir / "runs" / f"{c.name}.json" for c in cells]
 
 
+def replays(strategy: str) -> bool:
+    """Whether a STRATEGIES entry replays examples (ER or DER++), i.e. has a buffer."""
+    arguments = STRATEGIES[strategy]
+    return arguments[arguments.index("--method") + 1] in ("er", "derpp")
+
+
+def _cell_arguments(cell: Cell, out_dir: Path, data: str, model: str, epochs: int, buffer: int) -> list[str]:
+    """`edgecl run` arguments of one cell (--buffer only where the strategy has a buffer)."""
+    return ["run", "--data", data, "--model", model, "--epochs", str(epochs),
+            *(["--buffer", str(buffer)] if replays(cell.strategy) else []), "--seed", str(cell.seed), "--threads",
+            "1", "--quiet", "--out", str(out_dir), "--json", str(out_dir / "runs" / f"{cell.name}.json"),
+            "--checkpoint", str(out_dir / "ckpt" / cell.name), *STRATEGIES[cell.strategy]]
+
+
 def _check_same_setting(out_dir: Path, setting: dict) -> None:
     """Refuse to add cells to a folder whose finished runs used another data set, model, epochs or buffer.
 
@@ -105,6 +129,8 @@ def _check_same_setting(out_dir: Path, setting: dict) -> None:
     for path in sorted((out_dir / "runs").glob("*.json")):
         job = read_run(path).get("config", {}).get("job", {})
         theirs = {k: job.get(k) for k in setting}
+        if job.get("method") not in ("er", "derpp"):  # fine-tuning and joint have no buffer to compare
+            theirs["buffer"] = setting["buffer"]
         if theirs != setting:
             raise ValueError(f"{out_dir} holds runs of {theirs} ({path.name}); asked for {setting}; accepted: the "
                              "same setting, or another --out folder")

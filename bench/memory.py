@@ -15,7 +15,9 @@ import dataclasses
 import statistics
 import tempfile
 
-from .fresh_process import ENGINES, check_engines, check_shape, prepare, rows_csv, run_fresh
+from edgecl.runtime.files import check_output_dir
+
+from .fresh_process import ENGINES, check_engines, check_seed_and_python, check_shape, prepare, rows_csv, run_fresh
 
 ROW_FIELDS = ("model", "engine", "process", "target", "source", "peak_rss_bytes", "ratio_to_torch",
               "imports_rss_bytes", "interpreter_rss_bytes", "torch_imported")
@@ -51,6 +53,7 @@ class MemoryConfig:
     def __post_init__(self):
         object.__setattr__(self, "input_shape", check_shape(self.model, self.input_shape))
         object.__setattr__(self, "engines", check_engines(self.engines))
+        check_seed_and_python(self.seed, self.runtime_python)
         if self.device is not None:
             if not (str(self.device).startswith("serial:") and self.serial_port):
                 raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
@@ -139,6 +142,8 @@ def measure_memory(config: MemoryConfig = MemoryConfig(), artifacts_dir=None) ->
         RuntimeError: a fresh process failed (its error shown). EdgeclError: the board's link
             or agent failed (edgecl.devices).
     """
+    if artifacts_dir is not None:
+        check_output_dir(artifacts_dir, "artifacts")  # before measuring: exports are kept there
     if config.serial_port is not None:
         return _measure_on_board(config, artifacts_dir)
     reports = {name: [] for name in config.engines}

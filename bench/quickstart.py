@@ -34,20 +34,36 @@ def train_from_artifacts(artifact_dir, data_file=None, steps: int = 300, batch_s
 
     Args:
         data_file: an `.npz` with x, y (see edgecl.runtime.data.load_npz); None: the digits.
+    Raises:
+        ValueError: a bad count, seed or lr, a batch larger than the training part, or data that
+            does not fit the artifacts (sample shape, class count); before any training step.
     """
     from tqdm import tqdm
 
     from edgecl.runtime import OptimizerConfig, open_engine
     from edgecl.runtime.data import load_digits, load_npz
+    from edgecl.runtime.loop import MAX_SEED
 
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps}, batch_size={batch_size}; accepted: both >= 1")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; accepted: an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r}; accepted: an integer >= 0 and <= 2**64 - 1")
+    optimizer = OptimizerConfig("sgd", lr=lr, momentum=0.9)
     data = load_digits() if data_file is None else load_npz(data_file)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(data.x))
     cut = int(0.8 * len(order))
     train, test = order[:cut], order[cut:]
-    engine = open_engine(artifact_dir, OptimizerConfig("sgd", lr=lr, momentum=0.9), threads=2)
+    if batch_size > len(train):
+        raise ValueError(f"batch_size={batch_size} is more than the {len(train)} training examples (80 % of "
+                         f"{len(order)}); accepted: batch_size <= {len(train)}")
+    engine = open_engine(artifact_dir, optimizer, threads=2)
+    shape, k = tuple(engine.manifest.input_shape), engine.manifest.num_classes
+    if data.x.shape[1:] != shape or data.num_classes > k or len(test) == 0:
+        raise ValueError(f"data {data.name!r}: {len(order)} samples of shape {data.x.shape[1:]} in {data.num_classes} "
+                         f"classes; accepted for these artifacts: samples of shape {shape}, at most {k} classes, "
+                         "and at least 2 samples (80 % train, 20 % test)")
 
     def accuracy() -> float:
         return float((engine.evaluate(data.x[test]).argmax(1) == data.y[test]).mean())

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecl.runtime.files import check_output_dir
+
 LATENCY_KEYS = ("model", "engine", "target", "source", "median_ms")
 MEMORY_KEYS = ("engine", "process", "peak_rss_bytes")
 SOURCES = ("measured", "projected")
@@ -237,9 +239,10 @@ def write_report(out_dir: str | Path = "results/report", runs: str | Path | None
     Returns:
         ReportResult.
     Raises:
-        ValueError: nothing to report, or a malformed input file (named).
+        ValueError: nothing to report, a malformed input file (named), or an `out_dir` that cannot be a folder.
         FileNotFoundError: a missing input.
     """
+    check_output_dir(out_dir)  # before reading anything: a file there would fail only at the first plot
     latency_rows = [row for p in latency for row in read_rows(p, "latency")]
     memory_rows = [row for p in memory for row in read_rows(p, "memory")]
     if runs is None and not latency_rows and not memory_rows:

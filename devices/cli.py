@@ -86,18 +86,30 @@ def _push(args) -> int:
     return 0
 
 
+def _check_split_flags(args) -> None:
+    """The split flags, checked before the port is opened (where the data is, only the board says)."""
+    from .jobs import DataSpec
+
+    DataSpec(board_path=args.data, scenario=args.scenario, tasks=args.tasks, classes_per_task=args.classes_per_task)
+
+
 def _train(args, format_run) -> int:
+    from edgecl.runtime.job import LearnerSpec
+
     from .jobs import TrainSpec
 
+    learner = dict(method=args.method, sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm,
+                   dgm=not args.no_dgm, ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget,
+                   epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+                   checkpoint_every=args.checkpoint_every)
+    LearnerSpec(**learner)  # every learner flag, before the port is opened and data is pushed
+    _check_split_flags(args)
     if args.json:
         prepare_output(args.json)  # before the board trains, not after
     with _connect(args) as board:
         artifact = _artifact(board, args.artifact)
         data = _data_spec(board, args)
-        fields = dict(artifact=artifact, data=data, method=args.method, sparsity=None if args.dense else args.sparsity,
-                      tdm=not args.no_tdm, dgm=not args.no_dgm, ddr=not args.no_ddr, buffer=args.buffer,
-                      budget=args.budget, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,
-                      threads=args.threads, checkpoint_every=args.checkpoint_every)
+        fields = dict(artifact=artifact, data=data, **learner)
         run = args.run or "run-" + hashlib.sha256(json.dumps(
             {k: dataclasses.asdict(v) if k == "data" else v for k, v in fields.items() if k != "threads"},
             sort_keys=True).encode()).hexdigest()[:10]
@@ -122,6 +134,7 @@ def _train(args, format_run) -> int:
 
 
 def _eval(args) -> int:
+    _check_split_flags(args)
     with _connect(args) as board:
         artifact = _artifact(board, args.artifact)
         result = board.evaluate(artifact, _data_spec(board, args), args.run, args.threads)
@@ -191,7 +204,7 @@ def add_device_parser(sub, format_run=None) -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run id (default: derived from the settings, so a repeat resumes)")
     p.add_argument("--restart", action="store_true", help="drop the run's checkpoints on the board first")
     p.add_argument("--method", default="derpp", choices=["finetune", "joint", "er", "derpp"])
-    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--sparsity", type=float, default=None, help="SparCL weight sparsity (default 0.75)")
     p.add_argument("--dense", action="store_true")
     p.add_argument("--no-tdm", action="store_true")
     p.add_argument("--no-dgm", action="store_true")
@@ -206,7 +219,7 @@ def add_device_parser(sub, format_run=None) -> argparse.ArgumentParser:
     p.add_argument("--fetch", default=None, metavar="DIR", help="copy the run's checkpoint to DIR/<run>")
     p.add_argument("--json", default=None, metavar="FILE", help="write every metric as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=lambda args: _train(_buffer_default(args), format_run))
+    p.set_defaults(func=lambda args: _train(learner_flags(args), format_run))
 
     p = common(dsub.add_parser("eval", help="accuracy per task on the board (artifact or a run's checkpoint)"))
     p.add_argument("--artifact", default=None)
@@ -227,9 +240,33 @@ def add_device_parser(sub, format_run=None) -> argparse.ArgumentParser:
     return device
 
 
-def _buffer_default(args):
-    if args.buffer is None and args.budget is None:
-        args.buffer = 500
+REPLAY_METHODS = ("er", "derpp")
+
+
+def learner_flags(args, sparsity: float = 0.75, buffer: int = 500):
+    """Refuse learner flags that another flag makes meaningless, then fill the defaults that depend on others.
+
+    Shared by `edgecl run`, `edgecl device train` and `bench drift`: their parsers leave --sparsity
+    and --buffer at None so that a value given explicitly is told from the default.
+
+    Raises:
+        ValueError: --sparsity with --dense, an ablation (--no-tdm, --no-dgm, --no-ddr) with --dense,
+            or --buffer with a method that replays nothing (finetune, joint), naming both flags.
+    """
+    if args.dense and args.sparsity is not None:
+        raise ValueError(f"--sparsity {args.sparsity} with --dense: a dense run has no sparsity; accepted: one of "
+                         "the two (--sparsity alone runs SparCL)")
+    ablations = [f"--no-{part}" for part in ("tdm", "dgm", "ddr") if getattr(args, f"no_{part}", False)]
+    if args.dense and ablations:
+        raise ValueError(f"{', '.join(ablations)} with --dense: TDM, DGM and DDR are parts of SparCL, which a dense "
+                         "run does not use; accepted: the ablation flags without --dense")
+    if args.method not in REPLAY_METHODS and getattr(args, "buffer", None) is not None:
+        raise ValueError(f"--buffer {args.buffer} with --method {args.method}: {args.method} replays nothing, so it "
+                         f"has no buffer; accepted: --buffer with --method {' or '.join(REPLAY_METHODS)}")
+    if not args.dense and args.sparsity is None:
+        args.sparsity = sparsity
+    if args.method in REPLAY_METHODS and args.buffer is None and getattr(args, "budget", None) is None:
+        args.buffer = buffer
     return args
 
 

@@ -23,7 +23,7 @@ from edgecl.runtime.data import Dataset, load_dataset
 from edgecl.runtime.errors import CheckpointFormatError, ConfigMismatchError
 from edgecl.runtime.files import write_atomic
 from edgecl.runtime.job import LearnerSpec, build_learner
-from edgecl.runtime.loop import RunResult, run_scenario
+from edgecl.runtime.loop import RunConfig, RunResult, run_scenario
 from edgecl.runtime.metrics import class_il_accuracy, task_il_accuracy
 from edgecl.runtime.optim import OptimizerConfig
 from edgecl.runtime.resume import check_resume
@@ -76,6 +76,7 @@ class DataSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= 1")
+        RunConfig(seed=self.seed)  # the same seeds as a run's
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -177,19 +178,22 @@ def train(spec: TrainSpec, workdir: Path, on_step=None, restart: bool = False) -
         FileNotFoundError: artifact or data not on the board. ConfigMismatchError (a ValueError):
             the run id has checkpoints of another spec, naming each field that differs (pass
             restart=True to start over). CheckpointFormatError: checkpoints of an earlier edgecl
-            (restart). ValueError: a bad spec or budget.
+            (restart). ValueError: a bad spec or budget, or a buffer or budget larger than this
+            board's memory. Nothing is written on the board when any of these is raised.
     """
     import shutil
 
     folder = run_dir(workdir, spec.run)
-    if restart:
-        shutil.rmtree(folder, ignore_errors=True)
     try:
-        check_resume(folder / "checkpoints", spec.to_dict())
+        if not restart:
+            check_resume(folder / "checkpoints", spec.to_dict())
         scenario = build_scenario(spec.data, workdir)
         engine = open_board_engine(workdir, spec.artifact, spec.lr, spec.threads)
+        # before anything is written: build_learner refuses a buffer or budget this board's memory cannot hold
         learner, plan, _ = build_learner(engine, scenario, spec, _ReportingLearner)
         learner.on_step = on_step
+        if restart:
+            shutil.rmtree(folder, ignore_errors=True)
         extra = {"job": spec.to_dict(), "label": spec.strategy().label, "budget_plan": plan,
                  "device": {"machine": platform.machine(), "python": platform.python_version()}}
         result = run_scenario(scenario, learner, spec.run_config(),

@@ -21,6 +21,7 @@ import numpy as np
 from .buffer import bytes_per_example
 from .errors import ArtifactError
 from .manifest import Manifest, TensorSpec
+from .memory import human_bytes
 from .optim import OptimizerConfig, OptimizerKind
 
 UNITS = {
@@ -243,8 +244,8 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
             rows.append((f"replay buffer, one replay batch ({replay_batch_size} x {example} B)",
                          replay_batch_size * example))
         rows.append(("needed", needed))
-        raise ValueError(f"a budget of {budget_bytes} bytes ({_human(budget_bytes)}) is too small: this run needs "
-                         f"at least {needed} bytes ({_human(needed)}); lower batch_size or replay_batch_size, "
+        raise ValueError(f"a budget of {budget_bytes} bytes ({human_bytes(budget_bytes)}) is too small: this run "
+                         f"needs at least {needed} bytes ({human_bytes(needed)}); lower batch_size or replay_batch_size, "
                          "or raise the budget\n" + format_rows("breakdown:", rows))
     return MemoryPlan(budget_bytes=budget_bytes, batch_size=int(batch_size),
                       replay_batch_size=int(replay_batch_size), replay_example_bytes=example,
@@ -254,17 +255,8 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
 def format_bytes(n: int) -> str:
     """'4 194 304 B (4.00 MiB)'-style text: exact bytes, then the nearest binary unit from KiB up."""
     exact = f"{n:,}".replace(",", " ") + " B"
-    human = _human(n)
+    human = human_bytes(n)
     return exact if human.endswith(" B") else f"{exact} ({human})"
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{size:.2f} TiB"
 
 
 def format_rows(title: str, rows: list[tuple[str, int]]) -> str:

@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from .errors import BatchError
+from .memory import check_fits
 
 X_DTYPE = np.dtype(np.float32)
 Y_DTYPE = np.dtype(np.int64)
@@ -58,7 +59,8 @@ class ReplayBuffer:
         store_logits: keep float32 logits (N, K) per example (DER++); False saves 4 K bytes
             per example (ER).
     Raises:
-        ValueError: capacity < 1, a bad shape or class count, or rng not a np.random.Generator.
+        ValueError: capacity < 1, a bad shape or class count, rng not a np.random.Generator, or
+            storage larger than the machine's available memory (checked before allocating).
     """
 
     def __init__(self, capacity: int, sample_shape: tuple[int, ...], num_classes: int,
@@ -72,6 +74,9 @@ class ReplayBuffer:
         self.sample_shape = _check_shape(sample_shape)
         self.num_classes = _check_classes(num_classes)
         self.store_logits = bool(store_logits)
+        per_example = bytes_per_example(self.sample_shape, self.num_classes, self.store_logits)
+        check_fits(f"a replay buffer of capacity={self.capacity} examples ({per_example} B each)",
+                   self.capacity * per_example, "capacity", per_example, "examples")
         self.rng = rng
         self.seen = 0
         self.x = np.zeros((self.capacity, *self.sample_shape), X_DTYPE)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import gzip
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +82,11 @@ def save_npz(data: Dataset, path) -> None:
 
 
 def load_npz(path) -> Dataset:
-    """Read an `.npz` holding x (N, C, H, W) and integer y (N,); num_classes defaults to max(y) + 1.
+    """Read an `.npz` holding x (N, C, H, W) or (N, H, W) and integer y (N,); num_classes defaults to max(y) + 1.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: the file lacks x or y, or they are malformed.
+        FileNotFoundError: no such file. DataError: the file lacks x or y; x is empty, not 3-D or
+            4-D, not real numbers or not finite as float32; y is not N integers in [0, num_classes).
     """
     path = _existing_file(path)
     try:
@@ -96,13 +98,26 @@ def load_npz(path) -> Dataset:
     if missing:
         raise DataError(f"data file {str(path)!r} lacks arrays {sorted(missing)}; accepted: an .npz with x and y")
     x, y = arrays["x"], arrays["y"]
-    if x.ndim == 3:
-        x = x[:, None]
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"data file {str(path)!r}: y has dtype {y.dtype}; accepted: integers")
-    k = int(arrays["num_classes"]) if "num_classes" in arrays else int(y.max()) + 1
+    if x.ndim not in (3, 4) or x.size == 0 or not (np.issubdtype(x.dtype, np.integer)
+                                                   or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"data file {str(path)!r}: x is {x.dtype} {x.shape}; accepted: a non-empty (N, C, H, W) or "
+                        "(N, H, W) array of real numbers (integers or floats)")
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused just below
+        x = (x[:, None] if x.ndim == 3 else x).astype(np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = list(np.argwhere(~finite)[0].tolist())
+        raise DataError(f"data file {str(path)!r}: x{bad} is {x[tuple(bad)]} as float32; accepted: finite values")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        low = f" with labels from {y.min()}" if y.shape == (len(x),) and np.issubdtype(y.dtype, np.integer) else ""
+        raise DataError(f"data file {str(path)!r}: y is {y.dtype} {y.shape}{low}; accepted: ({len(x)},) integers "
+                        ">= 0, one label per row of x")
+    k = arrays.get("num_classes", np.int64(y.max() + 1))
+    if k.ndim != 0 or not np.issubdtype(k.dtype, np.integer) or not y.max() < k:
+        raise DataError(f"data file {str(path)!r}: num_classes is {k.dtype} {k.tolist()} for labels up to "
+                        f"{y.max()}; accepted: one integer > every label")
     name = str(arrays["name"]) if "name" in arrays else path.stem
-    return Dataset(name, x.astype(np.float32), y.astype(np.int64), k)
+    return Dataset(name, x, y.astype(np.int64), int(k))
 
 
 def read_idx(path, magic: int) -> np.ndarray:
@@ -243,8 +258,9 @@ def load_image_folder(root, size: int | tuple[int, int] | None = None, grayscale
     Raises:
         ImportError: Pillow is not installed (pip install 'edgecl[data]').
         FileNotFoundError: root is not a folder. ValueError: a size below 1. DataError: no class
-            folders (hidden ones are skipped), a class folder without images, an unreadable image, or
-            images of different sizes with size=None.
+            folders (hidden ones are skipped), a class folder without images, an unreadable image, an
+            image over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS), or images of
+            different sizes with size=None.
     """
     try:
         from PIL import Image, UnidentifiedImageError
@@ -266,11 +282,16 @@ def load_image_folder(root, size: int | tuple[int, int] | None = None, grayscale
             raise DataError(f"class folder {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
         for file in files:
             try:
-                with Image.open(file) as im:
-                    im = im.convert("L" if grayscale else "RGB")
-                    if hw is not None:
-                        im = im.resize((hw[1], hw[0]), Image.BILINEAR)
-                    array = np.asarray(im, np.uint8)
+                with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS Pillow only warns; refuse it as well
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(file) as im:
+                        im = im.convert("L" if grayscale else "RGB")
+                        if hw is not None:
+                            im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+                        array = np.asarray(im, np.uint8)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise DataError(f"image {str(file)!r} is refused as a possible decompression bomb ({e}); accepted: "
+                                f"images of at most {Image.MAX_IMAGE_PIXELS} pixels") from e
             except (UnidentifiedImageError, OSError) as e:
                 raise DataError(f"image {str(file)!r} is not readable: {e}") from e
             if images and array.shape != images[0].shape:
@@ -386,6 +407,8 @@ def _to_unit_float(pixels: np.ndarray) -> np.ndarray:
 
 def _existing_file(path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; accepted: a file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     return path

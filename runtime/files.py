@@ -98,3 +98,26 @@ def prepare_output(path: str | Path, suffixes=None) -> Path:
     if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"output {str(path)!r} is not writable; accepted: a path in a folder you can write")
     return path
+
+
+def check_output_dir(path: str | Path, name: str = "out") -> Path:
+    """Check an output folder before any long work, creating nothing: not a file, and either a
+    writable folder or one that can be created (its nearest existing ancestor is a writable folder).
+
+    Args:
+        path: the folder. name: the argument it came from, for the message (e.g. "out").
+    Raises:
+        ValueError: naming the argument, the path and what is wrong with it.
+    """
+    path = Path(path)
+    said = f"{name}={str(path)!r}"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{said} is a file; accepted: a folder (a missing one is created)")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{said} cannot be created: {str(ancestor)!r} is a file; accepted: a folder path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{said} is not writable ({str(ancestor)!r}); accepted: a folder you can write")
+    return path

@@ -10,13 +10,15 @@ runtime only, so the agent can use it.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import numpy as np
 
-from .budget import MemoryPlan, plan_memory
+from .budget import MemoryPlan, parse_bytes, plan_memory
 from .buffer import ReplayBuffer, bytes_per_example
 from .loop import RunConfig
-from .optim import OptimizerConfig
+from .memory import MachineMemory, check_fits, machine_memory
+from .optim import MAX_LR, OptimizerConfig
 from .scenarios import Scenario
 from .strategies import Learner, Method, SparCLConfig, StrategyConfig
 
@@ -34,8 +36,10 @@ class LearnerSpec:
         its default), checkpoint_every: steps between checkpoints (0: task ends only).
 
     Raises:
-        ValueError: an unknown method, SparCL on fine-tuning or joint, a replay strategy with
-            neither buffer nor budget, buffer < 1, lr <= 0, or a bad schedule.
+        ValueError: an unknown method, SparCL on fine-tuning or joint, a SparCL part switched off
+            without SparCL, a replay strategy with neither buffer nor budget, buffer < 1, a budget
+            that is not a size, lr outside (0, MAX_LR], or a bad schedule. Whether the buffer and
+            budget fit the machine is `check_memory`'s question, asked where the run allocates.
     """
 
     method: str = "derpp"
@@ -53,6 +57,13 @@ class LearnerSpec:
     checkpoint_every: int = 0
 
     def __post_init__(self):
+        self.run_config()  # epochs, batch_size, seed, checkpoint_every; batch_size first: it is the replay batch too
+        for name in ("tdm", "dgm", "ddr"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: True or False")
+            if self.sparsity is None and not getattr(self, name):
+                raise ValueError(f"{name}=False with sparsity=None: {name.upper()} is a part of SparCL, which a "
+                                 "dense strategy does not run; accepted: a sparsity (SparCL) or tdm, dgm, ddr True")
         strategy = self.strategy()  # validates method and sparsity
         if self.sparsity is not None and not strategy.uses_buffer:
             raise ValueError(f"SparCL (sparsity={self.sparsity}) runs on er or derpp, not {self.method!r}; "
@@ -60,15 +71,19 @@ class LearnerSpec:
         if self.buffer is not None and (isinstance(self.buffer, bool) or not isinstance(self.buffer, int)
                                         or self.buffer < 1):
             raise ValueError(f"buffer={self.buffer!r}; accepted: an integer >= 1 (examples), or None with a budget")
+        if self.budget is not None:
+            try:
+                parse_bytes(self.budget)
+            except ValueError as e:
+                raise ValueError(f"budget={self.budget!r}: {e}") from None
         if self.buffer is None and self.budget is None and strategy.uses_buffer:
             raise ValueError(f"method {self.method!r} replays examples: give a buffer (examples, --buffer N) "
                              "or a memory budget (--budget BYTES)")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads={self.threads!r}; accepted: an integer >= 1, or None (ONNX Runtime decides)")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}; accepted: > 0")
-        self.run_config()
+        if not (isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool) and 0 < self.lr <= MAX_LR):
+            raise ValueError(f"lr={self.lr!r}; accepted: > 0 and <= {MAX_LR:g} (SGD's learning rate)")
 
     def strategy(self) -> StrategyConfig:
         sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr)
@@ -84,6 +99,32 @@ class LearnerSpec:
         return dataclasses.asdict(self)
 
 
+def check_memory(spec: LearnerSpec, sample_shape: tuple[int, ...], num_classes: int,
+                 memory: MachineMemory | None = None) -> None:
+    """Refuse a budget or a replay buffer larger than this machine's available memory, before anything
+    is allocated (or, on the host, exported).
+
+    A budget beyond it is refused, not warned about: the budget sizes the preallocated buffer, so
+    such a run fails to allocate or is killed when the buffer fills; and with a buffer given, the
+    budget is a promise that the run fits the device, which it cannot keep.
+
+    Args:
+        spec: the learner. sample_shape, num_classes: of the data (they size one buffered example).
+        memory: the machine's memory (default: `machine_memory()`; the agent passes nothing and
+            so checks its own machine).
+    Raises:
+        ValueError: naming the budget or buffer, its bytes, the machine's memory and what is accepted.
+    """
+    memory = machine_memory() if memory is None else memory
+    strategy = spec.strategy()
+    if spec.budget is not None:
+        check_fits(f"budget={spec.budget!r}", parse_bytes(spec.budget), "budget", memory=memory)
+    if spec.buffer is not None and strategy.uses_buffer:
+        per_example = bytes_per_example(sample_shape, num_classes, strategy.method is Method.DERPP)
+        check_fits(f"buffer={spec.buffer} examples ({per_example} B each)", spec.buffer * per_example, "buffer",
+                   per_example, "examples", memory)
+
+
 def build_learner(engine, scenario: Scenario, spec: LearnerSpec,
                   learner_cls=Learner) -> tuple[Learner, dict, MemoryPlan | None]:
     """The learner of `spec` over `engine`, with its buffer sized by count or by the budget's plan.
@@ -93,9 +134,11 @@ def build_learner(engine, scenario: Scenario, spec: LearnerSpec,
         when no budget was given).
 
     Raises:
-        ValueError: the budget cannot hold the model (the message gives the bytes needed), or the
-            asked buffer does not fit what the budget leaves (the plan is in the message).
+        ValueError: the budget cannot hold the model (the message gives the bytes needed), the
+            asked buffer does not fit what the budget leaves (the plan is in the message), or the
+            buffer or budget is larger than this machine's memory (`check_memory`).
     """
+    check_memory(spec, scenario.input_shape, scenario.num_classes)
     strategy = spec.strategy()
     derpp = strategy.method is Method.DERPP
     capacity = spec.buffer if strategy.uses_buffer else 0

@@ -27,6 +27,9 @@ from .scenarios import Scenario
 from .strategies import Learner, Method
 
 
+MAX_SEED = 2**64 - 1  # torch.manual_seed's largest: the host seeds a model's initial weights with the run's seed
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Training schedule: epochs per task, batch size, seed, checkpoint cadence (steps; 0: task ends)."""
@@ -37,15 +40,12 @@ class RunConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: an integer >= 1")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size={self.batch_size}; accepted: >= 2 (BatchNorm needs two samples)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r}; accepted: an integer >= 0")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every}; accepted: >= 0")
+        why = {"batch_size": " (BatchNorm needs two samples)", "seed": " and <= 2**64 - 1"}
+        for name, low in (("epochs", 1), ("batch_size", 2), ("seed", 0), ("checkpoint_every", 0)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low
+                    or name == "seed" and value > MAX_SEED):
+                raise ValueError(f"{name}={value!r}; accepted: an integer >= {low}{why.get(name, '')}")
 
 
 @dataclasses.dataclass(frozen=True)

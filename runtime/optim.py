@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from enum import Enum
 
 import numpy as np
@@ -22,6 +23,10 @@ SAFE_STEP = 2.0**102
 def check_learning_rate(lr, name: str = "lr") -> float:
     """`lr` as a float if it is a real number in [0, float32's maximum]; the engines compute in float32.
 
+    What `Engine.set_learning_rate` accepts (a schedule may go anywhere float32 holds; the update
+    check refuses a step that would overflow). A run's configuration (`OptimizerConfig`,
+    `LearnerSpec`) accepts at most MAX_LR.
+
     Raises:
         ValueError: naming `name`, the value and what is accepted.
     """
@@ -32,9 +37,14 @@ def check_learning_rate(lr, name: str = "lr") -> float:
     return float(lr)
 
 
-def _check_number(name: str, value) -> None:
-    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}={value!r}; accepted: a number")
+# The largest learning rate accepted. Published SGD learning rates stay below it (30 for
+# MoCo's linear probe is about the largest); one above it is a typo (1e3 for 1e-3) that would
+# blow the weights up to inf within a few steps, mid-run, instead of being refused up front.
+MAX_LR = 100.0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars are numbers.Real
 
 
 class OptimizerKind(str, Enum):
@@ -66,28 +76,23 @@ class OptimizerConfig:
             raise ValueError(
                 f"optimizer kind {self.kind!r} is unknown; accepted: {', '.join(k.value for k in OptimizerKind)}"
             ) from None
-        check_learning_rate(self.lr)
-        for name in ("momentum", "dampening", "weight_decay", "eps"):
-            _check_number(name, getattr(self, name))
+        for name, ok, accepted in (
+                ("lr", lambda v: 0 <= v <= MAX_LR, f"a finite number in [0, {MAX_LR:g}]"),
+                ("momentum", lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+                ("dampening", lambda v: 0 <= v <= 1, "0 <= dampening <= 1"),
+                ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
+                ("eps", lambda v: v > 0, "a finite number > 0")):
+            value = getattr(self, name)
+            if not (_is_number(value) and np.isfinite(value) and ok(value)):
+                raise ValueError(f"{name}={value!r}; accepted: {accepted}")
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov={self.nesterov!r}; accepted: True or False")
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise ValueError(f"betas={self.betas!r}; accepted: two numbers in [0, 1)")
-        for b in self.betas:
-            _check_number("betas", b)
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r}; accepted: 0 <= momentum < 1")
-        if not 0 <= self.dampening <= 1:
-            raise ValueError(f"dampening={self.dampening!r}; accepted: 0 <= dampening <= 1")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay={self.weight_decay!r}; accepted: a finite number >= 0")
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
-        if not all(0 <= b < 1 for b in self.betas):
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas={self.betas!r}; accepted: two numbers in [0, 1)")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"eps={self.eps!r}; accepted: a finite number > 0")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from enum import Enum
 
 import numpy as np
@@ -24,6 +25,10 @@ from .engine import Engine
 from .flops import dense_training_flops, training_flops
 from .sparcl import (DDRSchedule, DGM, ForgettingTracker, TDMSchedule, ddr_schedule, initial_mask, prune_and_regrow,
                      select_removal, tdm_schedule)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars are numbers.Real
 
 
 class Method(str, Enum):
@@ -55,14 +60,22 @@ class SparCLConfig:
     dense_first_last: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
+        if not (_real(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise ValueError(f"sparsity={self.sparsity!r}; accepted: 0 <= sparsity < 1 (e.g. 0.75, 0.9)")
-        if not 0.0 < self.grad_density <= 1.0:
+        if not (_real(self.grad_density) and 0.0 < self.grad_density <= 1.0):
             raise ValueError(f"grad_density={self.grad_density!r}; accepted: in (0, 1]")
+        for name in ("tdm", "dgm", "ddr", "dense_first_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: True or False")
+        if isinstance(self.dgm_every, bool) or not isinstance(self.dgm_every, (int, np.integer)) or self.dgm_every < 1:
+            raise ValueError(f"dgm_every={self.dgm_every!r}; accepted: an integer >= 1 (steps)")
         if isinstance(self.tdm_schedule, dict):
             object.__setattr__(self, "tdm_schedule", TDMSchedule.from_dict(self.tdm_schedule))
         if isinstance(self.ddr_schedule, dict):
             object.__setattr__(self, "ddr_schedule", DDRSchedule.from_dict(self.ddr_schedule))
+        for name, cls in (("tdm_schedule", TDMSchedule), ("ddr_schedule", DDRSchedule)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: a {cls.__name__} or its dict")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +99,15 @@ class StrategyConfig:
             raise ValueError(f"method={self.method!r}; accepted: {', '.join(m.value for m in Method)}") from None
         if isinstance(self.sparcl, dict):
             object.__setattr__(self, "sparcl", SparCLConfig(**self.sparcl))
-        if self.replay_batch < 1 or self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"replay_batch={self.replay_batch}, alpha={self.alpha}, beta={self.beta}; "
-                             "accepted: replay_batch >= 1, alpha >= 0, beta >= 0")
+        if self.sparcl is not None and not isinstance(self.sparcl, SparCLConfig):
+            raise ValueError(f"sparcl={self.sparcl!r}; accepted: a SparCLConfig, its dict, or None (dense)")
+        replay = self.replay_batch
+        if isinstance(replay, bool) or not isinstance(replay, (int, np.integer)) or replay < 1:
+            raise ValueError(f"replay_batch={replay!r}; accepted: an integer >= 1")
+        for name in ("alpha", "beta"):  # DER++'s loss weights
+            value = getattr(self, name)
+            if not (_real(value) and np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r}; accepted: a finite number >= 0")
 
     @property
     def uses_buffer(self) -> bool:

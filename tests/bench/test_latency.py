@@ -93,7 +93,7 @@ def test_cli_csv_without_torch_has_no_ratio(capsys, exports):
     (["--repeats", "0"], "repeats=0"),
     (["--cold-starts", "-1"], "cold_starts=-1"),
     (["--phases", "train,backward"], "phases=['train', 'backward']"),
-    (["--input-shape", "1xax8"], "input shape '1xax8'"),
+    (["--input-shape", "1xax8"], "--input-shape '1xax8'"),
     (["--model", "cnn", "--input-shape", "64"], "input_shape=(64,) for 'cnn'"),
     (["--model", "vit"], "model 'vit' is unknown"),
     (["--device", "serial:"], "accepted: serial:PORT"),

@@ -118,3 +118,21 @@ def test_a_train_under_another_spec_is_refused_naming_each_field(board_workdir):
     assert again.resumed and again.acc_matrix == first.acc_matrix
     anew = train(board_spec(epochs=2), board_workdir, restart=True)
     assert not anew.resumed and anew.steps > first.steps
+@pytest.mark.parametrize("fields, message", [
+    ({"buffer": 10**12}, r"buffer=1000000000000 examples \(306 B each\) is 306,000,000,000,000 B \(278.31 TiB\), more "
+                         r"than this machine has: .* available of .* total; accepted: buffer <= [\d,]+ examples"),
+    ({"buffer": None, "budget": "10 TiB"}, r"budget='10 TiB' is 10,995,116,277,760 B \(10.00 TiB\), more than this "
+                                           r"machine has"),
+])
+def test_the_agent_refuses_a_buffer_or_budget_its_machine_cannot_hold_and_writes_nothing(tmp_path, exported, fields,
+                                                                                          message):
+    import shutil
+
+    from edgecl.devices.jobs import train
+
+    _, art = exported("cnn")
+    shutil.copytree(art, tmp_path / "artifacts" / "cnn")
+    spec = TrainSpec(run="huge", artifact="cnn", data=DataSpec(board_path="digits"), **fields)
+    with pytest.raises(ValueError, match=message):
+        train(spec, tmp_path)
+    assert not (tmp_path / "runs").exists()  # no run folder, no spec.json: nothing to resume or clean up

@@ -18,6 +18,7 @@ from edgecl.runtime.budget import (
 from edgecl.runtime.buffer import bytes_per_example
 from edgecl.runtime.errors import ArtifactError
 from edgecl.runtime.manifest import Manifest, TensorSpec
+from edgecl.runtime.memory import MachineMemory
 from edgecl.runtime.optim import OptimizerConfig
 
 ADAMW = OptimizerConfig("adamw", lr=1e-3)
@@ -244,3 +245,41 @@ def test_rss_is_measured_and_peak_follows_an_allocation():
     assert after >= before
     if current is not None:  # Linux
         assert after >= current >= block.nbytes
+
+
+# --- the machine's memory ------------------------------------------------------------------------
+
+
+def test_machine_memory_reads_meminfo_and_a_cgroup_limit(tmp_path):
+    from edgecl.runtime.memory import machine_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16384 kB\nMemFree:  1 kB\nMemAvailable:    8192 kB\n")
+    assert machine_memory(meminfo, tmp_path / "no-cgroup") == MachineMemory(16384 * 1024, 8192 * 1024)
+    (tmp_path / "memory.max").write_text("4194304\n")
+    (tmp_path / "memory.current").write_text("1048576\n")
+    assert machine_memory(meminfo, tmp_path) == MachineMemory(4194304, 3145728)  # a container's limit caps both
+    (tmp_path / "memory.max").write_text("max\n")
+    assert machine_memory(meminfo, tmp_path) == MachineMemory(16384 * 1024, 8192 * 1024)
+
+
+def test_machine_memory_of_this_machine_is_known_and_consistent():
+    from edgecl.runtime.memory import machine_memory
+
+    memory = machine_memory()
+    assert memory.total_bytes > 0 and 0 <= memory.available_bytes <= memory.total_bytes
+
+
+def test_check_fits_names_the_request_its_bytes_the_machine_and_what_is_accepted():
+    from edgecl.runtime.memory import check_fits
+
+    memory = MachineMemory(total_bytes=8 * 2**30, available_bytes=2**30)
+    check_fits("buffer=1000 examples", 1000 * 306, "buffer", 306, "examples", memory)  # fits: nothing raised
+    with pytest.raises(ValueError, match=r"^buffer=10000000 examples is 3,060,000,000 B \(2.85 GiB\), more than "
+                                         r"this machine has: 1.00 GiB available of 8.00 GiB total; accepted: "
+                                         r"buffer <= 3,508,960 examples$"):
+        check_fits("buffer=10000000 examples", 10**7 * 306, "buffer", 306, "examples", memory)
+    with pytest.raises(ValueError, match=r"budget='2GiB' is 2,147,483,648 B .*accepted: budget <= 1,073,741,824 B "
+                                         r"\(1.00 GiB\)$"):
+        check_fits("budget='2GiB'", 2 * 2**30, "budget", memory=memory)
+    check_fits("anything", 10**30, "x", memory=MachineMemory(None, None))  # unknown memory: nothing to check against

@@ -295,3 +295,12 @@ def test_logits_refused_without_storage_and_sample_bounds():
         buffer.sample(3)
     with pytest.raises(ValueError, match="sample n=-1"):
         buffer.sample(-1)
+
+
+def test_a_buffer_larger_than_the_machine_memory_is_refused_before_allocating():
+    # 10**12 examples of 306 B: 278 TiB, more than any machine this runs on; numpy would raise
+    # _ArrayMemoryError ("Unable to allocate") or, below the overcommit limit, the OOM killer would strike later
+    with pytest.raises(ValueError, match=r"a replay buffer of capacity=1000000000000 examples \(306 B each\) is "
+                                         r"306,000,000,000,000 B \(278.31 TiB\), more than this machine has: .* "
+                                         r"available of .* total; accepted: capacity <= [\d,]+ examples"):
+        ReplayBuffer(10**12, (1, 8, 8), 10, np.random.default_rng(0))

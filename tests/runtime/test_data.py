@@ -345,3 +345,75 @@ def test_load_dataset_split_and_path_errors(tmp_path):
         load_dataset("idx:only-one")
     with pytest.raises(FileNotFoundError):
         load_dataset(f"npz:{tmp_path / 'missing.npz'}")
+
+
+# --- hostile files -----------------------------------------------------------------------------------
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height 1-bit pixels, with next to no data: a decompression bomb."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_folder_refuses_a_decompression_bomb_naming_the_file(tmp_path):
+    write_png(tmp_path / "a" / "ok.png", np.zeros((2, 2, 3)))
+    bomb_png(tmp_path / "a" / "bomb.png", 20_000, 20_000)  # 4e8 pixels: over twice Pillow's limit, an error
+    with pytest.raises(DataError, match=r"bomb.png' is refused as a possible decompression bomb .*accepted: images "
+                                        r"of at most \d+ pixels"):
+        load_image_folder(tmp_path)
+
+
+def test_image_folder_refuses_an_image_over_the_pixel_limit_that_pillow_only_warns_about(tmp_path, monkeypatch):
+    from PIL import Image
+
+    write_png(tmp_path / "a" / "big.png", np.zeros((11, 11, 3)))  # 121 pixels: over 100, under 2 x 100
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError, match="big.png' is refused as a possible decompression bomb"):
+        load_image_folder(tmp_path)
+
+
+def _npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+X4 = np.zeros((4, 1, 2, 2), np.float32)
+Y4 = np.array([0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"x": np.zeros((0, 1, 2, 2), np.float32), "y": np.zeros(0, np.int64)}, r"x is float32 \(0, 1, 2, 2\); accepted: a non-empty"),
+    ({"x": np.zeros((4, 4), np.float32), "y": Y4}, r"x is float32 \(4, 4\); accepted: a non-empty \(N, C, H, W\)"),
+    ({"x": np.zeros((4, 1, 1, 2, 2), np.float32), "y": Y4}, r"x is float32 \(4, 1, 1, 2, 2\)"),
+    ({"x": X4.astype(np.complex64), "y": Y4}, "x is complex64 .*accepted: .*real numbers"),
+    ({"x": np.zeros((4, 1, 2, 2), bool), "y": Y4}, "x is bool .*accepted: .*real numbers"),
+    ({"x": np.full((4, 1, 2, 2), "a"), "y": Y4}, "x is <U1 .*real numbers"),
+    ({"x": np.where(np.arange(16).reshape(4, 1, 2, 2) == 5, np.nan, 0.0), "y": Y4},
+     r"x\[1, 0, 0, 1\] is nan as float32; accepted: finite values"),
+    ({"x": np.full((4, 1, 2, 2), 1e39), "y": Y4}, r"x\[0, 0, 0, 0\] is inf as float32"),  # float64 beyond float32
+    ({"x": X4, "y": Y4.astype(np.float32)}, r"y is float32 \(4,\); accepted: \(4,\) integers >= 0"),
+    ({"x": X4, "y": np.array([0, -1, 0, 1])}, r"y is int64 \(4,\) with labels from -1; accepted"),
+    ({"x": X4, "y": Y4[:3]}, r"y is int64 \(3,\); accepted: \(4,\) integers"),
+    ({"x": X4, "y": Y4, "num_classes": np.int64(1)}, "num_classes is int64 1 for labels up to 1; accepted: one "
+                                                      "integer > every label"),
+    ({"x": X4, "y": Y4, "num_classes": np.float64(2.0)}, "num_classes is float64 2.0"),
+    ({"x": X4, "y": Y4, "num_classes": np.array([2, 2])}, r"num_classes is int64 \[2, 2\]"),
+])
+def test_load_npz_refuses_malformed_arrays_naming_the_file_and_the_array(tmp_path, arrays, match):
+    path = _npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=rf"data file '.*d.npz': {match}"):
+        load_dataset(f"npz:{path}")
+
+
+def test_load_npz_accepts_integer_pixels_and_three_dimensional_x(tmp_path):
+    d = load_dataset(f"npz:{_npz(tmp_path / 'd.npz', x=np.ones((4, 2, 2), np.uint8), y=Y4)}")
+    assert d.x.shape == (4, 1, 2, 2) and d.x.dtype == np.float32 and d.num_classes == 2
