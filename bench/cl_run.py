@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecl.bench.fresh_process import MODEL_NAMES
+from edgecl.runtime.checkpoint import CheckpointWriter
 from edgecl.runtime.data import load_digits, load_fashion_mnist
 from edgecl.runtime.job import LearnerSpec, build_learner, check_memory
 from edgecl.runtime.locks import folder_lock
@@ -106,12 +107,19 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
     Raises:
         ConfigMismatchError: `checkpoint_dir` holds a checkpoint of another job (each differing
             field named), found before any data is loaded or anything exported.
+        FolderBusyError: another process writes into `checkpoint_dir`; also found before any work.
     """
+    if checkpoint_dir is None:
+        return _run_job(job, out_dir, None, progress)
+    with CheckpointWriter(checkpoint_dir) as writer:  # the folder is this run's from before the export on
+        check_resume(checkpoint_dir, dataclasses.asdict(job))
+        return _run_job(job, out_dir, writer, progress)
+
+
+def _run_job(job: JobConfig, out_dir, writer, progress: bool):
     from edgecl.exporters.reference import TorchEngine
     from edgecl.runtime import open_engine
 
-    if checkpoint_dir is not None:
-        check_resume(checkpoint_dir, dataclasses.asdict(job))
     out_dir = Path(out_dir)
     scenario = load_scenario(job.data, job.seed, job.scenario)
     check_memory(job, scenario.input_shape, scenario.num_classes)  # before the export, not at the allocation after it
@@ -127,7 +135,7 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
              "budget_plan": plan_dict}
     if plan is not None and progress:
         print(plan.table(), flush=True)
-    result = run_scenario(scenario, learner, job.run_config(), checkpoint_dir, progress, extra)
+    result = run_scenario(scenario, learner, job.run_config(), writer, progress, extra)
     return result, plan_dict, plan
 
 

@@ -98,7 +98,8 @@ def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def run_scenario(scenario: Scenario, learner: Learner, config: RunConfig = RunConfig(),
-                 checkpoint_dir: str | Path | None = None, progress: bool = True, extra_config: dict | None = None,
+                 checkpoint_dir: str | Path | CheckpointWriter | None = None, progress: bool = True,
+                 extra_config: dict | None = None,
                  ) -> RunResult:
     """Train `learner` on every task of `scenario` in order; evaluate all tasks after each.
 
@@ -106,7 +107,8 @@ def run_scenario(scenario: Scenario, learner: Learner, config: RunConfig = RunCo
         scenario: the tasks. learner: strategy over an engine (and its buffer).
         config: epochs, batch size, seed, checkpoint cadence.
         checkpoint_dir: where to save and resume from (None: no checkpoints); locked for the
-            whole run. Every checkpoint records the run's settings (`resume.run_identity`); one
+            whole run, or a CheckpointWriter the caller holds (and closes), so that a caller can
+            hold the folder from before its own set-up (`edgecl run` locks it before the export). Every checkpoint records the run's settings (`resume.run_identity`); one
             that is unreadable, or whose position this run cannot be at, is passed over for the
             older one with a warning.
         progress: show a progress bar. extra_config: recorded in the result's `config`; its
@@ -118,8 +120,8 @@ def run_scenario(scenario: Scenario, learner: Learner, config: RunConfig = RunCo
         FolderBusyError: another process writes checkpoints into `checkpoint_dir`.
         ArtifactError: no checkpoint in `checkpoint_dir` verifies.
     """
-    if checkpoint_dir is None:
-        return _run(scenario, learner, config, None, progress, extra_config)
+    if checkpoint_dir is None or isinstance(checkpoint_dir, CheckpointWriter):
+        return _run(scenario, learner, config, checkpoint_dir, progress, extra_config)
     with CheckpointWriter(checkpoint_dir) as writer:
         return _run(scenario, learner, config, writer, progress, extra_config)
 

@@ -133,7 +133,7 @@ def test_a_file_as_a_folder_argument_is_refused_before_any_work(tmp_path, option
     proc = subprocess.run(RUN + ["--out", str(tmp_path / "out"), option, str(tmp_path / "f")], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"{option} '{tmp_path / 'f'}' is a file; accepted: a folder" in proc.stderr
+    assert f"{option}: {option[2:]}='{tmp_path / 'f'}' is a file; accepted: a folder" in proc.stderr
     assert (tmp_path / "f").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
@@ -203,10 +203,12 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused_naming_it(out_dir
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        proc = subprocess.run(RUN + ["--out", str(out_dir), "--checkpoint", str(ckpt)], capture_output=True,
+        fresh = tmp_path / "fresh-out"
+        proc = subprocess.run(RUN + ["--out", str(fresh), "--checkpoint", str(ckpt)], capture_output=True,
                               text=True, timeout=600)
     finally:
         holder.communicate("\n", timeout=30)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"checkpoint folder '{ckpt}' is in use: another process writes into it" in proc.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == [".lock"]
+    assert not fresh.exists()  # refused before the export, not after it
