@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-from pathlib import Path
 
 from edgecl.bench.fresh_process import MODEL_NAMES
 
@@ -72,28 +70,14 @@ def run_job_config(args):
 
 
 def _run(args) -> int:
-    run_job_config(args)  # every flag, before the export
-    from edgecl.bench.cl_run import JobConfig, format_result, plot_formats, plot_result, run_job
-    from edgecl.runtime.budget import parse_bytes
-    from edgecl.runtime.files import prepare_output, write_atomic
+    from edgecl.bench.cl_run import format_result, plot_formats, plot_result, run_job
+    from edgecl.runtime.files import check_output_dir, prepare_output, write_atomic
 
-    from edgecl.bench.cl_run import DATA_DEFAULTS
-
-    if args.buffer is None and args.budget is None:
-        args.buffer = 500
-    args.epochs = DATA_DEFAULTS[args.data]["epochs"] if args.epochs is None else args.epochs
-    args.lr = DATA_DEFAULTS[args.data]["lr"] if args.lr is None else args.lr
-    job = JobConfig(data=args.data, scenario=args.scenario, model=args.model, engine=args.engine, method=args.method,
-                    sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
-                    ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget, epochs=args.epochs,
-                    batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
-                    checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp)
-    if args.budget is not None:
-        parse_bytes(args.budget)  # fail before exporting anything
+    job = run_job_config(args)  # every flag, before the export
     # and before training: a bad output path found after a long run would lose the run
-    _check_folder("--out", args.out)
+    check_output_dir(args.out, "out")
     if args.checkpoint is not None:
-        _check_folder("--checkpoint", args.checkpoint)
+        check_output_dir(args.checkpoint, "checkpoint")
     if args.json:
         prepare_output(args.json)
     if args.plot:
@@ -110,17 +94,6 @@ def _run(args) -> int:
     if args.plot:
         print(f"wrote {plot_result(result, args.plot)}")
     return 0
-
-
-def _check_folder(flag: str, path: str) -> None:
-    """Refuse, before any work, a folder argument that is a file or that cannot be created or written."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{flag} {path!r} is a file; accepted: a folder (created if missing)")
-    nearest = next(p for p in (folder, *folder.parents) if p.exists())
-    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path!r}: {str(nearest)!r} is not a folder you can write; accepted: a folder you "
-                         "can write, or a path where one can be created")
 
 
 def build_parser() -> argparse.ArgumentParser:
