@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 from edgecl.runtime.errors import EdgeclError
+from edgecl.runtime.memory import machine_memory
 
 from . import jobs
 from .link import Link, LinkClosed, LinkError, LinkTimeout, MsgType, ProtocolError
@@ -48,18 +49,9 @@ def edgecl_version() -> str:
         return "unknown"
 
 
-def _meminfo_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def capabilities(workdir: Path) -> dict:
     """What this board offers: machine, software versions, engines, memory, what it holds."""
+    memory = machine_memory()  # the figures the agent's own memory check uses (cgroup limit included)
     try:
         import onnxruntime
 
@@ -77,7 +69,7 @@ def capabilities(workdir: Path) -> dict:
     return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
             "numpy": numpy.__version__, "onnxruntime": ort_version, "providers": providers, "engines": engines,
             "edgecl": edgecl_version(), "protocol": PROTOCOL_VERSION, "cpus": os.cpu_count(),
-            "mem_total_bytes": _meminfo_bytes("MemTotal"), "mem_available_bytes": _meminfo_bytes("MemAvailable"),
+            "mem_total_bytes": memory.total_bytes, "mem_available_bytes": memory.available_bytes,
             "disk_free_bytes": shutil.disk_usage(workdir).free, **listing}
 
 
