@@ -251,7 +251,8 @@ def learner_flags(args, sparsity: float = 0.75, buffer: int = 500):
 
     Raises:
         ValueError: --sparsity with --dense, an ablation (--no-tdm, --no-dgm, --no-ddr) with --dense,
-            or --buffer with a method that replays nothing (finetune, joint), naming both flags.
+            or --buffer or --sparsity with a method that replays nothing (finetune, joint), naming
+            both flags. Without --sparsity, finetune and joint train dense (they are the bounds).
     """
     if args.dense and args.sparsity is not None:
         raise ValueError(f"--sparsity {args.sparsity} with --dense: a dense run has no sparsity; accepted: one of "
@@ -263,8 +264,11 @@ def learner_flags(args, sparsity: float = 0.75, buffer: int = 500):
     if args.method not in REPLAY_METHODS and getattr(args, "buffer", None) is not None:
         raise ValueError(f"--buffer {args.buffer} with --method {args.method}: {args.method} replays nothing, so it "
                          f"has no buffer; accepted: --buffer with --method {' or '.join(REPLAY_METHODS)}")
-    if not args.dense and args.sparsity is None:
-        args.sparsity = sparsity
+    if args.method not in REPLAY_METHODS and args.sparsity is not None:
+        raise ValueError(f"--sparsity {args.sparsity} with --method {args.method}: SparCL runs on "
+                         f"{' or '.join(REPLAY_METHODS)}; accepted: --method {args.method} alone (it trains dense)")
+    if not args.dense and args.sparsity is None and args.method in REPLAY_METHODS:
+        args.sparsity = sparsity  # finetune and joint are the dense bounds: no default sparsity
     if args.method in REPLAY_METHODS and args.buffer is None and getattr(args, "budget", None) is None:
         args.buffer = buffer
     return args

@@ -68,6 +68,7 @@ def folder(tmp_path):
     ("edgecl", ["run", "--method", "finetune", "--dense", "--budget", "2MiB", "--buffer", "10"], "--buffer", "10",
      "with --method finetune: finetune replays nothing"),
     ("edgecl", ["run", "--dense", "--no-ddr"], "--no-ddr", "--dense", "parts of SparCL"),
+    ("edgecl", ["run", "--method", "joint", "--sparsity", "0.9"], "--sparsity", "0.9", "with --method joint: SparCL"),
     ("bench", ["devices", "--cache", "a-folder"], "--cache", "a-folder", "is a folder; accepted: a file path"),
     ("bench", ["devices", "--probe", "--cache", "a-file/host.toml"], "--cache", "a-file/host.toml",
      "cannot create its folder"),
@@ -159,3 +160,11 @@ def test_any_bad_value_of_a_numeric_flag_is_refused_naming_flag_and_value(progra
     with tempfile.TemporaryDirectory() as tmp:
         message = refused(program, [*command, f"{flag}={text}"], Path(tmp))
     assert names(message, flag, text), message
+
+
+@pytest.mark.parametrize("method", ["finetune", "joint"])
+def test_the_dense_bounds_need_no_dense_flag(method):
+    """`--method finetune` is the lower bound, dense: no SparCL default (0.75) the user never typed."""
+    args = edgecl_cli.build_parser().parse_args(["run", "--method", method])
+    job = edgecl_cli.run_job_config(args)
+    assert job.sparsity is None and job.method == method
