@@ -15,7 +15,8 @@ from enum import Enum
 
 import numpy as np
 
-from .data import FASHION_MNIST_ROOT, Dataset, load_cifar10, load_digits, load_fashion_mnist
+from .cifar import load_cifar10
+from .data import FASHION_MNIST_ROOT, Dataset, load_digits, load_fashion_mnist
 
 
 class ScenarioKind(str, Enum):

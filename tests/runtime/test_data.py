@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgecl.runtime.cifar import load_cifar10
 from edgecl.runtime.data import (
-    FASHION_MNIST_ROOT, DataError, Dataset, load_cifar10, load_dataset, load_digits, load_fashion_mnist,
+    FASHION_MNIST_ROOT, DataError, Dataset, load_dataset, load_digits, load_fashion_mnist,
     load_idx, load_image_folder, save_npz,
 )
 
