@@ -2,10 +2,11 @@
 
 from .budget import MemoryPlan, parse_bytes, peak_rss_bytes, plan_memory
 from .buffer import ReplayBuffer
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointWriter, load_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset
 from .engine import Batch, Engine
-from .errors import ArtifactError, BatchError, EdgeclError, UnsupportedModelError
+from .errors import (ArtifactError, BatchError, CheckpointFormatError, ConfigMismatchError, EdgeclError, FolderBusyError,
+                     UnsupportedModelError)
 from .loop import RunConfig, RunResult, run_scenario
 from .manifest import Manifest, TensorSpec, load_manifest
 from .optim import OptimizerConfig, OptimizerKind
@@ -14,7 +15,8 @@ from .scenarios import Scenario, Task, permuted_scenario, split_scenario
 from .strategies import Learner, Method, SparCLConfig, StrategyConfig
 
 __all__ = [
-    "ArtifactError", "Batch", "BatchError", "Checkpoint", "Dataset", "EdgeclError", "Engine", "Learner", "Manifest",
+    "ArtifactError", "Batch", "BatchError", "Checkpoint", "CheckpointFormatError", "CheckpointWriter",
+    "ConfigMismatchError", "Dataset", "FolderBusyError", "EdgeclError", "Engine", "Learner", "Manifest",
     "MemoryPlan", "Method", "OptimizerConfig", "OptimizerKind", "ReplayBuffer", "RunConfig", "RunResult", "Scenario",
     "SparCLConfig", "StrategyConfig", "Task", "TensorSpec", "UnsupportedModelError", "load_checkpoint",
     "load_dataset", "load_manifest", "open_engine", "parse_bytes", "peak_rss_bytes", "permuted_scenario",
