@@ -20,12 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-MODEL_NAMES = ("mlp", "cnn", "cnn-s2", "resnet", "mobilenet", "resnet18",
-               "mobilenetv2")  # edgecl.exporters.models.MODELS (checked by a test)
+# edgecl.exporters.models.MODELS (checked by a test)
+MODEL_NAMES = ("mlp", "cnn", "cnn-s2", "resnet", "mobilenet", "resnet18", "mobilenetv2")
 DEFAULT_MODEL = "cnn"
 DEFAULT_SHAPE = (1, 8, 8)  # of the built-in families; a model file needs its own
 NUM_CLASSES = 10
-ONNX_ENGINES = ("portable", "ort-training")
 
 
 @dataclasses.dataclass(frozen=True)
