@@ -30,6 +30,7 @@ from torch.onnx._internal.exporter import _core, _decomp, _fx_passes, _registrat
 
 from .backward_ops import decomposition_table as backward_decompositions
 from .backward_ops import onnx_translations
+from .train_batchnorm import onnx_translations as batchnorm_translations
 
 aten = torch.ops.aten
 TORCHLIB_OPSET = 18  # torch.onnx's own functions are written for opset 18; others are converted
@@ -49,7 +50,7 @@ def _sym_numel(self):
 def onnx_registry(opset: int) -> _registration.ONNXRegistry:
     """torch.onnx's registry of ATen -> ONNX functions plus edgecl's translations."""
     registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, TORCHLIB_OPSET))
-    for op, fn in {**onnx_translations(), aten.sym_numel.default: _sym_numel}.items():
+    for op, fn in {**onnx_translations(), **batchnorm_translations(), aten.sym_numel.default: _sym_numel}.items():
         registry.register_op(op, fn, is_complex=False)
     return registry
 

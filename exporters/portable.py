@@ -36,38 +36,9 @@ from edgecl.runtime.manifest import TensorSpec
 from .fx_onnx import decomposition_table, is_functional, to_onnx
 from .onnx_files import save_onnx
 from .quiet import quiet_onnx_export
+from .train_batchnorm import TrainBatchNorm2d
 
 BATCH_INPUTS = ("x", "y", "sample_weight", "target_logits", "logit_weight")
-
-
-class _TrainBatchNorm2d(nn.Module):
-    """BatchNorm2d in training mode written without in-place updates.
-
-    Normalises with the batch statistics (as torch does in training) and leaves the new
-    running statistics in `self.new_stats` instead of mutating buffers, so the step
-    graph can return them as outputs. Same parameter and buffer names as BatchNorm2d.
-    """
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.weight, self.bias = bn.weight, bn.bias
-        self.register_buffer("running_mean", bn.running_mean)
-        self.register_buffer("running_var", bn.running_var)
-        self.eps, self.momentum = bn.eps, bn.momentum
-        self.new_stats = None
-
-    def forward(self, x):
-        mean = x.mean(dim=(0, 2, 3))
-        centered = x - mean[None, :, None, None]
-        var = (centered * centered).mean(dim=(0, 2, 3))
-        out = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.weight is not None:
-            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        m = self.momentum
-        unbiased = var.detach() * (count / max(count - 1, 1))
-        self.new_stats = ((1 - m) * self.running_mean + m * mean.detach(), (1 - m) * self.running_var + m * unbiased)
-        return out
 
 
 class _TrainDropout(nn.Module):
@@ -82,7 +53,7 @@ class _TrainDropout(nn.Module):
         return x * keep * (1.0 / (1.0 - self.p))
 
 
-def _training_copy(model: nn.Module, dropout: bool) -> tuple[nn.Module, dict[str, _TrainBatchNorm2d]]:
+def _training_copy(model: nn.Module, dropout: bool) -> tuple[nn.Module, dict[str, TrainBatchNorm2d]]:
     """A copy of `model` with functional BatchNorm and (unless asked) Dropout removed."""
     model = copy.deepcopy(model).train()
     bns = {}
@@ -90,7 +61,7 @@ def _training_copy(model: nn.Module, dropout: bool) -> tuple[nn.Module, dict[str
         for child_name, child in list(module.named_children()):
             full = f"{path}.{child_name}" if path else child_name
             if isinstance(child, nn.BatchNorm2d):
-                bns[full] = _TrainBatchNorm2d(child)
+                bns[full] = TrainBatchNorm2d(child)
                 setattr(module, child_name, bns[full])
             elif isinstance(child, nn.Dropout):
                 setattr(module, child_name, _TrainDropout(child.p) if dropout else nn.Identity())
@@ -201,8 +172,8 @@ def _trace(make_fn, args, n_batch_args: int, opset: int) -> tuple[torch.fx.Graph
 
 
 def _export_graph(make_fn, args, n_batch_args: int, input_names, output_names, path: Path, opset: int) -> None:
-    traced, batch_symbol = _trace(make_fn, args, n_batch_args, opset)
     with quiet_onnx_export():
+        traced, batch_symbol = _trace(make_fn, args, n_batch_args, opset)
         proto = to_onnx(traced, opset)
     save_onnx(_rename_io(proto, list(input_names), list(output_names), {batch_symbol: "N"}), path)
 

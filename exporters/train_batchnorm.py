@@ -1,0 +1,123 @@
+"""BatchNorm2d in training mode for the portable step graph: fused forward, closed-form backward.
+
+Forward: one ONNX `BatchNormalization` in training mode (momentum 0) gives the output and
+the batch mean and (biased) variance; ONNX Runtime's CPU kernel (every build that reads
+.onnx files, x86-64 and aarch64 alike) computes them in one call.
+Backward, with M = N*H*W elements per channel, x^ = (x - mean) * invstd, a = gamma * invstd:
+
+    dbeta  = sum(dy)        dgamma = sum(dy * x^) = invstd * (sum(dy * x) - mean * sum(dy))
+    dx     = a * (dy - sum(dy) / M - x^ * sum(dy * x^) / M)
+           = BatchNormalization(x; scale = -a * invstd * dgamma / M, bias = -a * dbeta / M,
+                                mean = mean, var = 1, eps = 0) + a * dy
+
+(Ioffe & Szegedy 2015, section 3): two reductions and three full-size ops where torch's
+decomposition of the training-mode normalisation into element-wise ops gave 30.
+
+On ResNet-18's shapes (batch 32, 2 threads) ONNX Runtime 1.19 ran this forward in 0.4-0.6x
+the time of mean / centre / square / mean / scale / shift, and the backward in 0.4-0.9x of
+the same closed form written with element-wise ops only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+aten = torch.ops.aten
+
+
+@torch.library.custom_op("edgecl::batch_norm_train", mutates_args=())
+def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(normalised x, batch mean, biased batch variance) over dims 0, 2, 3 of an NCHW x."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    y = (x - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
+    if weight is not None:
+        y = y * weight[None, :, None, None]
+    if bias is not None:
+        y = y + bias[None, :, None, None]
+    return y, mean, var
+
+
+@batch_norm_train.register_fake
+def _(x, weight, bias, eps):
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+
+
+def batch_norm_train_onnx(x, weight, bias, eps: float):
+    """ONNX translation: BatchNormalization in training mode with momentum 0, so its "running"
+    outputs are the batch statistics (ones / zeros stand in for absent affine parameters)."""
+    from onnxscript import opset18 as op
+
+    channels = op.Shape(x, start=1, end=2)
+
+    def full(value):
+        return op.CastLike(op.Expand(op.Constant(value_float=value), channels), x)
+
+    # The input statistics' values do not matter (momentum 0), but ONNX Runtime may write the two
+    # "running" outputs into the buffers of inputs 3 and 4 before it reads the scale and bias: all
+    # four must be different tensors, so the statistics get values no other input has (with one
+    # tensor of zeros for both, the mean came out as the variance).
+    y, mean, var = op.BatchNormalization(x, full(1.0) if weight is None else weight, full(0.0) if bias is None else bias,
+                                         full(2.0), full(3.0), epsilon=eps, momentum=0.0, training_mode=1)
+    return y, mean, var
+
+
+def onnx_translations() -> dict:
+    return {torch.ops.edgecl.batch_norm_train.default: batch_norm_train_onnx}
+
+
+def _channels(v: Tensor) -> Tensor:
+    return v[None, :, None, None]
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Training-mode batch normalisation whose backward is the closed form above."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var = batch_norm_train(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _mean_grad, _var_grad):
+        x, weight, mean, var = ctx.saved_tensors
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        invstd = torch.rsqrt(var + ctx.eps)
+        dbeta = dy.sum(dim=(0, 2, 3))
+        dgamma = invstd * ((dy * x).sum(dim=(0, 2, 3)) - mean * dbeta)
+        a = invstd if weight is None else weight * invstd
+        scale, shift = -a * invstd * dgamma / count, -a * dbeta / count
+        centred = aten._native_batch_norm_legit_no_training(x, scale, shift, mean, torch.ones_like(var), 0.0, 0.0)[0]
+        dx = centred + dy * _channels(a)
+        return dx, (dgamma if weight is not None and ctx.needs_input_grad[1] else None), \
+            (dbeta if ctx.needs_input_grad[2] else None), None
+
+
+class TrainBatchNorm2d(nn.Module):
+    """BatchNorm2d in training mode written without in-place updates.
+
+    Normalises with the batch statistics (as torch does in training) and leaves the new
+    running statistics (torch's update: unbiased batch variance) in `self.new_stats`
+    instead of mutating buffers, so the step graph can return them as outputs. Same
+    parameter and buffer names as BatchNorm2d.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.new_stats = None
+
+    def forward(self, x):
+        y, mean, var = _BatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        m = self.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        self.new_stats = ((1 - m) * self.running_mean + m * mean, (1 - m) * self.running_var + m * unbiased)
+        return y
