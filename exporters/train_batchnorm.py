@@ -49,7 +49,7 @@ def batch_norm_train_onnx(x, weight, bias, eps: float):
     outputs are the batch statistics (ones / zeros stand in for absent affine parameters)."""
     from onnxscript import opset18 as op
 
-    channels = op.Shape(x, start=1, end=2)
+    channels = op.Constant(value_ints=[x.shape[1]])  # static: ONNX Runtime folds the constants below
 
     def full(value):
         return op.CastLike(op.Expand(op.Constant(value_float=value), channels), x)
@@ -91,7 +91,8 @@ class _BatchNormFunction(torch.autograd.Function):
         dgamma = invstd * ((dy * x).sum(dim=(0, 2, 3)) - mean * dbeta)
         a = invstd if weight is None else weight * invstd
         scale, shift = -a * invstd * dgamma / count, -a * dbeta / count
-        centred = aten._native_batch_norm_legit_no_training(x, scale, shift, mean, torch.ones_like(var), 0.0, 0.0)[0]
+        ones = torch.ones(var.shape[0], dtype=var.dtype)  # a constant (ones_like: an Expand at every step)
+        centred = aten._native_batch_norm_legit_no_training(x, scale, shift, mean, ones, 0.0, 0.0)[0]
         dx = centred + dy * _channels(a)
         return dx, (dgamma if weight is not None and ctx.needs_input_grad[1] else None), \
             (dbeta if ctx.needs_input_grad[2] else None), None
