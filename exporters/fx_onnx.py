@@ -3,12 +3,14 @@
 `torch.onnx.export(graph_module, dynamo=True)` first re-traces the graph with
 `torch.export` (functionalisation, symbolic shapes again) and then once more in
 `run_decompositions`, whose table only decomposes the ops the ONNX registry does not
-implement. On the ResNet-18 step graph those two re-traces were 33 of the export's
-48 s and changed nothing but `squeeze.dims` -> `prims.squeeze`. Here `make_fx` applies
-that table in its own trace (`decomposition_table`), and `to_onnx` hands the graph to the
-same translation: an `ExportedProgram` over it (all inputs user inputs, no
-parameters), the exporter's type-promotion and assertion-removal passes, the
-translation, the exporter's version conversion (which also drops unused nodes).
+implement. On the ResNet-18 step graph those two re-traces took 33 of the export's 48 s
+and changed only `squeeze.dims` into `prims.squeeze` (241 nodes) and the symbolic-size
+arithmetic. Here `make_fx` applies that table in its own trace (`decomposition_table`),
+the step is traced once more under `functionalize` only when it mutates a tensor
+(`is_functional`), and `to_onnx` hands the graph to the same translation: an
+`ExportedProgram` over it (all inputs user inputs, no parameters), the exporter's
+type-promotion and assertion-removal passes, the translation, the exporter's version
+conversion (which also drops unused nodes).
 
 These are torch.onnx's private functions: torch is pinned (pyproject.toml), and every
 graph the exporter writes goes through here, so a torch that moved them fails the tests.
