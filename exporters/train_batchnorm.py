@@ -14,9 +14,11 @@ Backward, with M = N*H*W elements per channel, x^ = (x - mean) * invstd, a = gam
 (Ioffe & Szegedy 2015, section 3): two reductions and three full-size ops per layer where
 autograd's derivative of the normalisation written in element-wise ops gave ~40 nodes.
 
-On ResNet-18's shapes (batch 32, 2 threads) ONNX Runtime 1.19 ran this forward in 0.4-0.6x
-the time of mean / centre / square / mean / scale / shift, and the backward in 0.4-0.9x of
-the same closed form written with element-wise ops only.
+Measured with ONNX Runtime 1.19.2 (2 threads, batch 32, 3x32x32, the two graphs' runs
+interleaved, load average 3.5): the ResNet-18 step's kernels other than convolutions and
+transposes took 240 ms per step against 464 ms with the element-wise formulation (2308
+graph nodes against 3166), the MobileNet step 370 ms against 494 ms. ONNX Runtime's
+BatchNormalization kernel runs on one thread, so with more threads the gap narrows.
 """
 
 from __future__ import annotations
