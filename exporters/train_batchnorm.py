@@ -29,15 +29,20 @@ from torch import Tensor, nn
 aten = torch.ops.aten
 
 
+def _channels(v: Tensor) -> Tensor:
+    """A per-channel vector (C,) as (1, C, 1, 1), to broadcast over NCHW."""
+    return v[None, :, None, None]
+
+
 @torch.library.custom_op("edgecl::batch_norm_train", mutates_args=())
 def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(normalised x, batch mean, biased batch variance) over dims 0, 2, 3 of an NCHW x."""
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    y = (x - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
+    y = (x - _channels(mean)) * _channels(torch.rsqrt(var + eps))
     if weight is not None:
-        y = y * weight[None, :, None, None]
+        y = y * _channels(weight)
     if bias is not None:
-        y = y + bias[None, :, None, None]
+        y = y + _channels(bias)
     return y, mean, var
 
 
@@ -67,11 +72,8 @@ def batch_norm_train_onnx(x, weight, bias, eps: float):
 
 
 def onnx_translations() -> dict:
+    """The custom op -> its ONNX translation, for `fx_onnx.onnx_registry`."""
     return {torch.ops.edgecl.batch_norm_train.default: batch_norm_train_onnx}
-
-
-def _channels(v: Tensor) -> Tensor:
-    return v[None, :, None, None]
 
 
 class _BatchNormFunction(torch.autograd.Function):

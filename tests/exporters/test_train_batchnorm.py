@@ -32,3 +32,30 @@ def test_closed_form_backward_and_running_statistics_match_torch(affine, shape):
     new_mean, new_var = ours.new_stats  # torch's update: unbiased batch variance, momentum 0.3
     assert rel_err(new_mean.detach(), bn.running_mean) <= 1e-6
     assert rel_err(new_var.detach(), bn.running_var) <= 1e-6
+
+
+
+def test_step_graph_batch_statistics_match_torch_with_and_without_affine(tmp_path):
+    # ONNX Runtime may write a training-mode BatchNormalization's running outputs into its inputs
+    # 3 and 4 and share equal constants between inputs: with zeros for the input mean and variance
+    # the batch mean came out as the variance, and with the absent bias's zeros the output shifted.
+    import numpy as np
+
+    from edgecl.exporters import export
+    from edgecl.exporters.reference import TorchEngine
+    from edgecl.runtime import OptimizerConfig, open_engine
+
+    torch.manual_seed(0)
+    model = perturb_batchnorm(nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                                            nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 10)))
+    export(model, torch.randn(4, 2, 5, 5), tmp_path / "a")
+    sgd = OptimizerConfig("sgd", lr=0.05)
+    eng, ref = open_engine(tmp_path / "a", sgd), TorchEngine.from_artifacts(model, tmp_path / "a", sgd)
+    x = np.random.default_rng(0).standard_normal((6, 2, 5, 5)).astype(np.float32) + 2.0
+    y = np.arange(6)
+    (loss, grads), (ref_loss, ref_grads) = eng.loss_and_grads(x, y), ref.loss_and_grads(x, y)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    for k in ref_grads:
+        assert rel_err(grads[k], ref_grads[k]) <= 1e-4, k
+    for k, b in ref.buffers().items():
+        assert rel_err(eng.buffers()[k], b) <= 1e-5, k
