@@ -35,7 +35,8 @@ def _channels(v: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("edgecl::batch_norm_train", mutates_args=())
-def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(normalised x, batch mean, biased batch variance) over dims 0, 2, 3 of an NCHW x."""
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
     y = (x - _channels(mean)) * _channels(torch.rsqrt(var + eps))
@@ -66,8 +67,9 @@ def batch_norm_train_onnx(x, weight, bias, eps: float):
     # "running" outputs into the buffers of inputs 3 and 4 before it reads the scale and bias: all
     # four must be different tensors, so the statistics get values no other input has (with one
     # tensor of zeros for both, the mean came out as the variance).
-    y, mean, var = op.BatchNormalization(x, full(1.0) if weight is None else weight, full(0.0) if bias is None else bias,
-                                         full(2.0), full(3.0), epsilon=eps, momentum=0.0, training_mode=1)
+    scale, shift = full(1.0) if weight is None else weight, full(0.0) if bias is None else bias
+    y, mean, var = op.BatchNormalization(x, scale, shift, full(2.0), full(3.0), epsilon=eps, momentum=0.0,
+                                         training_mode=1)
     return y, mean, var
 
 
