@@ -23,6 +23,8 @@ FIELD_FLAGS = {
     "examples_per_epoch": ("--examples",),
     "baudrate": ("--baud",),
     "reply_timeout": ("--timeout",),
+    "num_classes": ("--classes",),
+    "cache_dir": ("--cache",),
 }
 _FIELD = re.compile(r"(?<![\w.\-])([a-z][a-z0-9_]*)=")
 

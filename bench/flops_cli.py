@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 
-from edgecl.bench.fresh_process import MODEL_NAMES
+from edgecl.bench.latency_cli import add_model_flags, refuse_with_artifacts
+
+DEFAULT_SHAPE = (1, 28, 28)  # of the built-in families here
 
 
 def add_parsers(sub) -> None:
     """Add the three subcommands to a `bench` subparsers object."""
     p = sub.add_parser("flops", help="training FLOPs per step/epoch/run, per layer and phase (+ projected latency)")
-    p.add_argument("--model", default=None, choices=MODEL_NAMES, help="a model family (default cnn)")
-    p.add_argument("--input-shape", default=None, help="C x H x W of one sample (default 1x28x28)")
-    p.add_argument("--artifacts", help="an exported folder: use its manifest's layer table instead of --model and "
-                   "--input-shape")
+    add_model_flags(p, "x".join(map(str, DEFAULT_SHAPE)))
+    p.add_argument("--artifacts", metavar="DIR", help="an export: count its manifest's layer table (read only, no "
+                   "torch needed; instead of --model)")
     p.add_argument("--batch", type=int, default=32, help="stream examples per step")
     p.add_argument("--replay", type=int, default=0, help="buffer examples added to each step (DER++: 2 x replay batch)")
     p.add_argument("--examples", type=int, default=12_000, help="stream examples per epoch before data removal")
@@ -69,24 +70,23 @@ def _flops(args) -> int:
     from edgecl.runtime.flops import SparsityConfig
     from edgecl.runtime.optim import OptimizerConfig
 
-    if args.artifacts is not None and (args.model is not None or args.input_shape is not None):
-        given = " and ".join(f for f, v in (("--model", args.model), ("--input-shape", args.input_shape)) if v)
-        raise ValueError(f"{given} with --artifacts {args.artifacts!r}: the artifacts' manifest gives the model and "
-                         "its input; accepted: --artifacts alone, or --model and --input-shape")
+    from edgecl.bench.subject import NUM_CLASSES, parse_shape, split_model_file
+
+    refuse_with_artifacts(args)
     if args.profile and not args.device:
         raise ValueError(f"--profile {' '.join(args.profile)} without --device: a profile only matters for the "
                          "device whose latency is projected; accepted: --device NAME with it")
-    try:
-        shape = tuple(int(d) for d in (args.input_shape or "1x28x28").split("x"))
-    except ValueError:
-        raise ValueError(f"--input-shape {args.input_shape!r}; accepted: CxHxW, e.g. 1x28x28") from None
+    model = args.model or "cnn"
+    shape = parse_shape(args.input_shape) if args.input_shape is not None else (
+        None if split_model_file(model) is not None else DEFAULT_SHAPE)  # a model file's input is required
     sparsity = SparsityConfig(args.sparsity, args.grad_density, args.data_removal,
                               tuple(n for n in args.frozen.split(",") if n), not args.all_sparse)
     device = None
     if args.device:
         device = _profiles(args.profile, with_host=args.device == "host").get(args.device)
-    report = flops_report(args.model or "cnn", shape, args.artifacts, sparsity, args.batch, args.replay, args.examples,
-                          args.epochs, args.tasks, OptimizerConfig(args.optimizer, momentum=args.momentum), device)
+    report = flops_report(model, shape, args.artifacts, sparsity, args.batch, args.replay, args.examples,
+                          args.epochs, args.tasks, OptimizerConfig(args.optimizer, momentum=args.momentum), device,
+                          NUM_CLASSES if args.classes is None else args.classes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.csv:

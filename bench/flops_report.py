@@ -1,8 +1,8 @@
 """`bench flops`: training FLOPs per step, epoch and run of a model, per layer and phase, optionally
 with the projected (roofline) latency of a device profile next to them.
 
-The layer table comes from a model family (built with torch on the host) or from an
-exported artifact folder's manifest (no torch needed); the counting is
+The layer table comes from a model family or the user's FILE.py:FUNCTION (built with torch
+on the host) or from an exported artifact folder's manifest (no torch needed); the counting is
 `edgecl.runtime.flops.training_run_flops`, the projection `edgecl.devices.roofline`.
 """
 
@@ -41,14 +41,20 @@ class FlopsReport:
                 "projected_step_latency": None if self.projection is None else self.projection.to_dict()}
 
 
-def model_layer_table(model: str, input_shape) -> list[dict]:
-    """The exporter's layer table of a model family at `input_shape` (builds the model with torch)."""
+def model_layer_table(model: str, input_shape, num_classes: int = 10) -> list[dict]:
+    """The exporter's layer table of a model family or FILE.py:FUNCTION at `input_shape` (builds it with torch).
+
+    Raises:
+        ValueError: as `edgecl.bench.subject.resolve_subject` and `build_net`.
+    """
     import torch
 
     from edgecl.exporters.layers import layer_table
-    from edgecl.exporters.models import build_model
 
-    return layer_table(build_model(model, tuple(input_shape), 10, seed=0), torch.zeros(2, *input_shape))
+    from .subject import build_net, resolve_subject
+
+    subject = resolve_subject(model, input_shape, num_classes)
+    return layer_table(build_net(subject, seed=0), torch.zeros(2, *subject.input_shape))
 
 
 def artifact_layer_table(folder: str | Path) -> tuple[str, tuple[int, ...], list[dict]]:
@@ -69,12 +75,14 @@ def artifact_layer_table(folder: str | Path) -> tuple[str, tuple[int, ...], list
 def flops_report(model: str = "cnn", input_shape=(1, 28, 28), artifacts: str | Path | None = None,
                  sparsity: SparsityConfig = SparsityConfig(), batch: int = 32, replay: int = 0,
                  examples_per_epoch: int = 12_000, epochs: int = 1, tasks: int = 1,
-                 optimizer: OptimizerConfig = OptimizerConfig(), device: DeviceProfile | None = None) -> FlopsReport:
+                 optimizer: OptimizerConfig = OptimizerConfig(), device: DeviceProfile | None = None,
+                 num_classes: int = 10) -> FlopsReport:
     """Count training FLOPs of `model` (or of the exported `artifacts`) and project one step on `device`.
 
     Args:
-        model, input_shape: a model family of `edgecl.exporters.models` and its (C, H, W) input;
-            ignored when `artifacts` is given.
+        model, input_shape, num_classes: a model family of `edgecl.exporters.models` or FILE.py:FUNCTION
+            (a function returning an nn.Module, called with no arguments), its input (C, H, W) and
+            logits width; ignored when `artifacts` is given.
         artifacts: an exported folder; its manifest's layer table is used (no torch needed).
         sparsity, batch, replay, examples_per_epoch, epochs, tasks, optimizer: as
             `edgecl.runtime.flops.training_run_flops` takes them.
@@ -82,16 +90,15 @@ def flops_report(model: str = "cnn", input_shape=(1, 28, 28), artifacts: str | P
     Returns:
         FlopsReport.
     Raises:
-        ValueError: an unknown model, a bad shape or count, an artifact folder without a layer table.
+        ValueError: an unknown model or model file, a bad shape or count, an artifact folder without a
+            layer table.
         KeyError: a frozen name that is not a layer weight (the accepted names listed).
     """
     if artifacts is not None:
         model, input_shape, layers = artifact_layer_table(artifacts)
     else:
+        layers = model_layer_table(model, input_shape, num_classes)
         input_shape = tuple(input_shape)
-        if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
-            raise ValueError(f"input_shape={input_shape!r}; accepted: three positive ints (C, H, W)")
-        layers = model_layer_table(model, input_shape)
     flops = training_run_flops(layers, sparsity, batch, replay, examples_per_epoch, epochs, tasks, optimizer)
     projection = None if device is None else project_latency(layers, flops.step, device, optimizer)
     return FlopsReport(model, tuple(input_shape), tuple(layers), flops, projection)

@@ -1,13 +1,15 @@
 """Training in a fresh process: what `bench latency` (cold start) and `bench memory` measure.
 
-The parent (the host, torch available) exports the model once and writes one batch to
-disk; each measurement then starts a new Python interpreter that trains from those files:
+The parent exports the model once (host side, torch) or takes the user's export as it is
+(no torch), and writes one batch to disk; each measurement then starts a new Python
+interpreter that trains from those files:
 
 - a *runtime-only* process (`portable` or `ort-training` engine): it imports numpy and
   `edgecl.runtime` only, opens the artifacts and steps; it never imports torch, and
   reports whether `"torch" in sys.modules` at the end to prove it;
-- a *torch-eager* process doing the same work: the same model family built from the same
-  seed, the same batch, the same threads and optimizer (SGD), in plain eager torch.
+- a *torch-eager* process doing the same work: the same model (built-in family, or the
+  user's FILE.py:FUNCTION) built from the same seed, the same batch, the same threads and
+  optimizer (SGD), in plain eager torch.
 
 The children use only the standard library until they import what they train with, so a
 report separates the bare interpreter, the imports, opening the model and the steps.
@@ -26,21 +28,27 @@ import numpy as np
 
 from edgecl.runtime.probe import REPORT_SRC, STATUS_SRC, probe_runtime, run_child
 
+from .subject import MODEL_NAMES, NUM_CLASSES, Subject, check_shape, parse_shape  # noqa: F401  (re-exported)
+
 ENGINES = ("portable", "ort-training", "torch")
-MODEL_NAMES = ("mlp", "cnn", "cnn-s2", "resnet", "mobilenet")  # edgecl.exporters.models.MODELS (checked by a test)
-NUM_CLASSES = 10
 LEARNING_RATE = 0.03  # OptimizerConfig's default SGD, no momentum, in every engine
 
-# argv[1]: JSON {batch, steps, threads, lr, models_py, model, input_shape, num_classes, seed}; the
-# runtime-only child is edgecl.runtime.probe's (the board agent runs it too).
+# argv[1]: JSON {batch, steps, threads, lr, models_py, model, function, input_shape, num_classes, seed}: a
+# built-in family (function null: models_py is edgecl.exporters.models) or the user's FILE.py:FUNCTION
+# (models_py is the file, its folder on sys.path as for `python FILE.py`); the runtime-only child is
+# edgecl.runtime.probe's (the board agent runs it too).
 _TORCH_CHILD = "import sys, time, json\n" + STATUS_SRC + textwrap.dedent("""
     cfg = json.loads(sys.argv[1])
     t_python = time.monotonic()
     rss_interpreter = _status("VmRSS")
-    import importlib.util
+    import importlib.util, os
     import numpy as np
     import torch
-    # the model definitions only (the file imports torch and nothing of edgecl's)
+    # the model definitions only: edgecl's models.py (torch and nothing of edgecl's) or the user's file, with
+    # its folder first on sys.path (as for `python FILE.py`) and no bytecode written there
+    if cfg["function"] is not None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(cfg["models_py"])))
+        sys.dont_write_bytecode = True
     spec = importlib.util.spec_from_file_location("edgecl_models", cfg["models_py"])
     models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(models)
@@ -49,7 +57,12 @@ _TORCH_CHILD = "import sys, time, json\n" + STATUS_SRC + textwrap.dedent("""
     torch.set_num_threads(cfg["threads"])
     with np.load(cfg["batch"]) as z:
         x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
-    model = models.build_model(cfg["model"], tuple(cfg["input_shape"]), cfg["num_classes"], seed=cfg["seed"]).train()
+    if cfg["function"] is None:
+        model = models.build_model(cfg["model"], tuple(cfg["input_shape"]), cfg["num_classes"], seed=cfg["seed"])
+    else:  # as edgecl.bench.subject.build_net calls it
+        torch.manual_seed(cfg["seed"])
+        model = getattr(models, cfg["function"])()
+    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
     t_open = time.monotonic()
 
@@ -100,15 +113,37 @@ class ChildReport:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """What the children train from: one artifact folder per ONNX engine and one batch file."""
+    """What the children train from: one artifact folder per ONNX engine and one batch file.
 
-    model: str
-    input_shape: tuple
+    `torch_model` is the exported nn.Module (None for the user's artifact folder: no torch there).
+    """
+
+    subject: Subject
     batch: int
     seed: int
     artifacts: dict  # engine -> Path (ONNX engines only)
     batch_file: Path
-    torch_model: object = dataclasses.field(repr=False, compare=False)  # the exported nn.Module
+    torch_model: object = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def model(self) -> str:
+        return self.subject.label
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.subject.input_shape
+
+    def layers(self) -> list[dict]:
+        """The layer table (FLOPs, the roofline): from an export's manifest, else from the torch model."""
+        if self.artifacts:
+            from edgecl.runtime.manifest import load_manifest
+
+            return load_manifest(next(iter(self.artifacts.values())), verify=False).extra["layers"]
+        import torch
+
+        from edgecl.exporters.layers import layer_table
+
+        return layer_table(self.torch_model, torch.zeros(2, *self.input_shape))
 
 
 def check_seed_and_python(seed, runtime_python) -> None:
@@ -139,83 +174,73 @@ def check_engines(engines) -> tuple[str, ...]:
     return engines
 
 
-def check_shape(model: str, input_shape) -> tuple[int, ...]:
-    """The shape of one sample as a tuple of positive ints; (C, H, W) with H, W >= 4 for conv nets.
-
-    Raises:
-        ValueError: an unknown model, or a shape the model cannot take.
-    """
-    if model not in MODEL_NAMES:
-        raise ValueError(f"model {model!r} is unknown; accepted: {', '.join(MODEL_NAMES)}")
-    try:
-        shape = tuple(int(d) for d in input_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"input_shape={input_shape!r}; accepted: a sequence of positive integers") from None
-    if not shape or any(d < 1 for d in shape) or shape != tuple(input_shape):
-        raise ValueError(f"input_shape={input_shape!r}; accepted: a sequence of positive integers")
-    if model != "mlp" and (len(shape) != 3 or min(shape[1:]) < 4):
-        raise ValueError(f"input_shape={shape} for {model!r}; accepted: (C, H, W) with H, W >= 4")
-    return shape
+def _write_batch(folder: Path, subject: Subject, batch: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    batch_file = folder / f"batch{batch}.npz"
+    np.savez(batch_file, x=rng.standard_normal((batch, *subject.input_shape), dtype=np.float32),
+             y=rng.integers(0, subject.num_classes, batch).astype(np.int64))
+    return batch_file
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1x8x8' -> (1, 8, 8).
+def prepare(subject: Subject, batch: int, engines, cache_dir, seed: int = 0) -> Prepared:
+    """The artifacts of each ONNX engine in `engines`, and one batch file.
 
-    Raises:
-        ValueError: not positive integers joined by 'x'.
-    """
-    try:
-        shape = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--input-shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8") from None
-    if any(d < 1 for d in shape):
-        raise ValueError(f"--input-shape {text!r}; accepted: positive integers joined by 'x', e.g. 1x8x8")
-    return shape
-
-
-def prepare(model: str, input_shape, batch: int, engines, folder, seed: int = 0) -> Prepared:
-    """Export `model` for each ONNX engine in `engines` and write one batch (host side, torch).
-
-    Exports are kept in `folder/<model>-<shape>-seed<seed>/<engine>` and reused when a
-    previous call left them there (their manifest loads and every file's sha256 matches):
-    pass a persistent folder to measure again without exporting again, a temporary one
-    otherwise (an export from an older edgecl would be reused as it is).
+    A built-in family or model file (host side, torch) is exported into
+    `cache_dir/<name>-<shape>-seed<seed>-<key>/<engine>`, keyed on the model, its input, classes,
+    seed and the exporter (`edgecl.bench.subject.cache_key`), and reused when a previous call left
+    it there (its manifest loads and every file's sha256 matches). The user's artifact folder
+    (`subject.artifacts`) is used as it is, read only, without torch; then only the batch file is
+    written, into `cache_dir`.
 
     Args:
-        model: a name in MODEL_NAMES. input_shape: one sample, e.g. (1, 8, 8).
-        batch: samples per step. engines: names in ENGINES. folder: where to write (created).
-        seed: initial weights (build_model's seed) and the batch.
+        subject: what to measure (`edgecl.bench.subject.resolve_subject`). batch: samples per step.
+        engines: names in ENGINES (an artifact folder: its own engine only). cache_dir: where to
+            write (created); a persistent folder keeps the exports for the next call.
+        seed: initial weights (the model's) and the batch.
     Returns:
         Prepared: artifact folders, the batch file (x float32 (batch, *input_shape), y int64) and the model.
+    Raises:
+        ValueError: bad batch or engines, an export's engine that is not asked for.
     """
-    import torch
-
-    from edgecl.exporters import build_model, export
-    from edgecl.runtime import ArtifactError, load_manifest
-
-    shape = check_shape(model, input_shape)
     engines = check_engines(engines)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r}; accepted: an integer >= 1")
-    folder = Path(folder) / f"{model}-{'x'.join(map(str, shape))}-seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    net = build_model(model, shape, NUM_CLASSES, seed=seed)
+    cache_dir = Path(cache_dir)
+    if subject.artifacts is not None:
+        if engines != (subject.engine,):
+            raise ValueError(f"engines={list(engines)} with artifacts={str(subject.artifacts)!r}; accepted: "
+                             f"[{subject.engine!r}], its own engine")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return Prepared(subject, batch, seed, {subject.engine: subject.artifacts},
+                        _write_batch(cache_dir, subject, batch, seed), None)
+    import torch
+
+    from edgecl.exporters import export
+    from edgecl.runtime import ArtifactError, load_manifest
+    from edgecl.runtime.locks import folder_lock
+
+    from .subject import build_net, cache_name
+
+    net = build_net(subject, seed)
+    folder = cache_dir / cache_name(subject, net, seed)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     artifacts = {}
-    for engine in engines:
-        if engine == "torch":
-            continue
-        try:
-            kept = load_manifest(folder / engine)
-            if kept.engine != engine or tuple(kept.input_shape) != shape:
-                raise ArtifactError("another export")
-            artifacts[engine] = folder / engine
-        except ArtifactError:
-            artifacts[engine] = export(net, torch.zeros(2, *shape), folder / engine, engine=engine).folder
-    rng = np.random.default_rng(seed)
-    batch_file = folder / f"batch{batch}.npz"
-    np.savez(batch_file, x=rng.standard_normal((batch, *shape), dtype=np.float32),
-             y=rng.integers(0, NUM_CLASSES, batch).astype(np.int64))
-    return Prepared(model, shape, batch, seed, artifacts, batch_file, net)
+    # two bench commands on one cache: the second waits for the first's export, then reuses it
+    with folder_lock(folder, wait=True, what="bench cache folder"):
+        folder.mkdir(exist_ok=True)
+        for engine in engines:
+            if engine == "torch":
+                continue
+            try:
+                kept = load_manifest(folder / engine)
+                if kept.engine != engine or tuple(kept.input_shape) != subject.input_shape:
+                    raise ArtifactError("another export")
+                artifacts[engine] = folder / engine
+            except ArtifactError:
+                artifacts[engine] = export(net, torch.zeros(2, *subject.input_shape), folder / engine,
+                                           engine=engine).folder
+        batch_file = _write_batch(folder, subject, batch, seed)
+    return Prepared(subject, batch, seed, artifacts, batch_file, net)
 
 
 def run_fresh(prepared: Prepared, engine: str, steps: int, threads: int, python: str | None = None,
@@ -234,11 +259,19 @@ def run_fresh(prepared: Prepared, engine: str, steps: int, threads: int, python:
     if steps < 1 or threads < 1:
         raise ValueError(f"steps={steps}, threads={threads}; accepted: both >= 1")
     if engine == "torch":
-        import edgecl.exporters.models as models
+        subject = prepared.subject
+        if prepared.torch_model is None:
+            raise ValueError(f"engine 'torch' with artifacts={str(subject.artifacts)!r}: an export holds no torch "
+                             f"model; accepted: {', '.join(prepared.artifacts)}")
+        if subject.model_file is None:
+            import edgecl.exporters.models as models
 
+            models_py, function = models.__file__, None
+        else:
+            models_py, function = str(subject.model_file[0].resolve()), subject.model_file[1]
         cfg = {"batch": str(prepared.batch_file), "steps": steps, "threads": threads, "lr": LEARNING_RATE,
-               "models_py": models.__file__, "model": prepared.model, "input_shape": list(prepared.input_shape),
-               "num_classes": NUM_CLASSES, "seed": prepared.seed}
+               "models_py": models_py, "model": subject.model, "function": function,
+               "input_shape": list(subject.input_shape), "num_classes": subject.num_classes, "seed": prepared.seed}
         r, process = run_child(_TORCH_CHILD + REPORT_SRC, cfg, None, timeout_s, "torch"), "torch-eager"
     else:
         if engine not in prepared.artifacts:

@@ -24,10 +24,8 @@ import time
 
 import numpy as np
 
-from edgecl.runtime.files import check_output_dir
-
-from .fresh_process import (ENGINES, MODEL_NAMES, NUM_CLASSES, check_engines, check_seed_and_python, check_shape,
-                            prepare, rows_csv, run_fresh)
+from .fresh_process import ENGINES, MODEL_NAMES, check_engines, check_seed_and_python, prepare, rows_csv, run_fresh
+from .subject import Subject, check_cache_dir, resolve_config_fields
 
 PHASES = ("train", "infer", "cold_start")
 SOURCES = ("measured", "projected")
@@ -40,33 +38,43 @@ class LatencyConfig:
     """What `measure_latency` measures.
 
     Args:
-        model: one of MODEL_NAMES. input_shape: one sample (C, H, W) (any shape for the MLP).
+        model: one of MODEL_NAMES, or FILE.py:FUNCTION (the user's function returning an nn.Module,
+            called with no arguments); None: "cnn", or none with `artifacts`.
+        input_shape: one sample (C, H, W) (any shape for the MLP); None: (1, 8, 8) for a built-in
+            family, required for a model file, the manifest's with `artifacts`.
         batch: samples per step. threads: intra-op threads of every engine.
         repeats: timed calls per engine and phase. warmup: untimed calls before them.
         cold_starts: fresh processes per engine (0: no cold-start rows).
-        engines: names among ENGINES; ratios need "torch". phases: among PHASES.
+        engines: names among ENGINES (None: all; with `artifacts`: the export's own engine, the only
+            one accepted); ratios need "torch". phases: among PHASES.
         target: label of the machine measured. device: a device profile name for projected rows.
         runtime_python: interpreter for the runtime-only children (default: this one).
+        num_classes: logits width (None: 10, the manifest's with `artifacts`).
+        artifacts: the user's export to bench as it is (read only, no torch needed), instead of a model.
     Raises:
-        ValueError: naming the bad field and what is accepted.
+        ValueError: naming the bad field and what is accepted; `artifacts` with a model, or with an
+            input_shape, num_classes or engines other than its manifest's, naming both.
+        ArtifactError: `artifacts` is not a loadable export.
     """
 
-    model: str = "cnn"
-    input_shape: tuple = (1, 8, 8)
+    model: str | None = None
+    input_shape: tuple | None = None
     batch: int = 32
     threads: int = 2
     repeats: int = 50
     warmup: int = 5
     cold_starts: int = 3
-    engines: tuple = ENGINES
+    engines: tuple | None = None
     phases: tuple = PHASES
     target: str = "host"
     device: str | None = None
     seed: int = 0
     runtime_python: str | None = None
+    num_classes: int | None = None
+    artifacts: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "input_shape", check_shape(self.model, self.input_shape))
+        resolve_config_fields(self, ENGINES)
         object.__setattr__(self, "engines", check_engines(self.engines))
         check_seed_and_python(self.seed, self.runtime_python)
         for name, low in (("batch", 1), ("threads", 1), ("repeats", 1), ("warmup", 0), ("cold_starts", 0)):
@@ -82,6 +90,14 @@ class LatencyConfig:
         if self.serial_port is not None and not self.serial_port:
             raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
                              "(serial:/dev/ttyUSB0, serial:socket://host:4000) or a device profile name")
+        if self.serial_port is not None and self.artifacts is not None and self.engines != ("portable",):
+            raise ValueError(f"engines={list(self.engines)} with device={self.device!r}: the board trains with the "
+                             "portable engine; accepted: artifacts exported for it")
+
+    @property
+    def subject(self) -> Subject:
+        """What is measured (the resolved model, input, classes, or the artifact folder)."""
+        return Subject.of(self.model, self.input_shape, self.num_classes, self.artifacts, self.engines)
 
     @property
     def serial_port(self) -> str | None:
@@ -183,18 +199,19 @@ def _summary(samples: list[float]) -> tuple[float, float]:
 
 
 def _open_engines(config: LatencyConfig, prepared) -> dict:
-    from edgecl.exporters.reference import TorchEngine
     from edgecl.runtime import open_engine
 
     engines = {}
     for name in config.engines:
         if name == "torch":
+            from edgecl.exporters.reference import TorchEngine
+
             net = prepared.torch_model
             if prepared.artifacts:  # same parameters, masks and trainable set as the export
                 engines[name] = TorchEngine.from_artifacts(net, next(iter(prepared.artifacts.values())),
                                                            threads=config.threads)
             else:
-                engines[name] = TorchEngine(net, config.input_shape, NUM_CLASSES, threads=config.threads)
+                engines[name] = TorchEngine(net, config.input_shape, config.num_classes, threads=config.threads)
         else:
             engines[name] = open_engine(prepared.artifacts[name], threads=config.threads)
     return engines
@@ -203,7 +220,7 @@ def _open_engines(config: LatencyConfig, prepared) -> dict:
 def _rows(config: LatencyConfig, phase: str, times: dict[str, list[float]]) -> list[LatencyRow]:
     summary = {name: _summary(t) for name, t in times.items()}
     base = summary.get("torch", (None,))[0]
-    return [LatencyRow(config.model, name, config.target, "measured", phase, med, iqr,
+    return [LatencyRow(config.subject.label, name, config.target, "measured", phase, med, iqr,
                        med / base if base else None) for name, (med, iqr) in summary.items()]
 
 
@@ -254,43 +271,47 @@ def projected_rows(config: LatencyConfig, profile, layers: list) -> tuple[list[L
 
     step = training_run_flops(layers, batch=config.batch, examples_per_epoch=config.batch).step
     projection = project_latency(layers, step, profile)
-    rows = [LatencyRow(config.model, ROOFLINE_ENGINE, profile.name, "projected", "train", projection.per_step_ms,
+    label = config.subject.label
+    rows = [LatencyRow(label, ROOFLINE_ENGINE, profile.name, "projected", "train", projection.per_step_ms,
                        0.0, None),
-            LatencyRow(config.model, ROOFLINE_ENGINE, profile.name, "projected", "infer",
+            LatencyRow(label, ROOFLINE_ENGINE, profile.name, "projected", "infer",
                        projection.phase_ms("forward") / projection.steps, 0.0, None)]
     note = (f"projected for {profile.name} by a per-layer roofline ({profile.peak_gflops.value} GFLOP/s, "
             f"{profile.bandwidth_gbps.value} GB/s): Conv2d/Linear work only, a lower bound, not a measurement")
     return rows, note
 
 
-def measure_latency(config: LatencyConfig = LatencyConfig(), artifacts_dir=None) -> LatencyResult:
-    """Export once, then time training steps, forward passes and cold starts of each engine.
+def measure_latency(config: LatencyConfig = LatencyConfig(), cache_dir=None) -> LatencyResult:
+    """Export once (or take `config.artifacts` as they are), then time training steps, forward passes and
+    cold starts of each engine.
 
-    Host side (exporting needs torch). OMP_WAIT_POLICY is set to PASSIVE unless set, before
-    torch loads, so torch's idle threads sleep as ONNX Runtime's do (no spinning).
+    Exporting is host side (torch); `config.artifacts` needs no torch (a runtime-only environment
+    benches them too). OMP_WAIT_POLICY is set to PASSIVE unless set, before torch loads, so
+    torch's idle threads sleep as ONNX Runtime's do (no spinning).
 
     Args:
-        config: what to measure. artifacts_dir: a folder to keep the exports in and reuse
-            them from (see `edgecl.bench.fresh_process.prepare`); None: a temporary folder.
+        config: what to measure. cache_dir: a folder to keep bench's exports in and reuse them
+            from (see `edgecl.bench.fresh_process.prepare`); None: a temporary folder. Never the
+            user's export: that is `config.artifacts`, only read.
 
     Returns:
         LatencyResult: measured rows per engine and phase (ms; ratios to torch eager when
         "torch" is among the engines), cold-start detail, projected rows for config.device.
     Raises:
-        ValueError: a device profile that does not exist. RuntimeError: a fresh process failed.
+        ValueError: a device profile that does not exist; a cache_dir with `config.artifacts`, or one
+            that is an export itself (`edgecl.bench.subject.check_cache_dir`). RuntimeError: a fresh
+            process failed.
     """
-    if artifacts_dir is not None:
-        check_output_dir(artifacts_dir, "artifacts")  # before measuring: exports are kept there
+    cache_dir = check_cache_dir(cache_dir, config.subject)  # before measuring: exports are kept there
     if config.serial_port is not None:
-        return _measure_on_board(config, artifacts_dir)
+        return _measure_on_board(config, cache_dir)
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it once, when torch loads it
     policy = os.environ.get("OMP_WAIT_POLICY", "libgomp default (spinning)")
     profile = resolve_device(config.device, config.threads) if config.device is not None else None  # bad names fail first
     rows, detail, note = [], [], ""
     with tempfile.TemporaryDirectory(prefix="edgecl-latency-") as tmp:
-        prepared = prepare(config.model, config.input_shape, config.batch, config.engines, artifacts_dir or tmp,
-                           config.seed)
+        prepared = prepare(config.subject, config.batch, config.engines, cache_dir or tmp, config.seed)
         with np.load(prepared.batch_file) as z:
             x, y = z["x"], z["y"]
         if {"train", "infer"} & set(config.phases):
@@ -305,17 +326,12 @@ def measure_latency(config: LatencyConfig = LatencyConfig(), artifacts_dir=None)
             cold_rows, detail = _cold_starts(config, prepared)
             rows += cold_rows
         if config.device is not None:
-            import torch
-
-            from edgecl.exporters.layers import layer_table
-
-            projected, note = projected_rows(config, profile, layer_table(prepared.torch_model,
-                                                                 torch.zeros(2, *config.input_shape)))
+            projected, note = projected_rows(config, profile, prepared.layers())
             rows += projected
     return LatencyResult(config, tuple(rows), tuple(detail), policy, note)
 
 
-def _measure_on_board(config: LatencyConfig, artifacts_dir=None) -> LatencyResult:
+def _measure_on_board(config: LatencyConfig, cache_dir=None) -> LatencyResult:
     """The portable engine's training step and forward pass timed by the agent on the board.
 
     The export is made here and pushed once (`edgecl.devices.host.board_latency`); the board
@@ -324,13 +340,13 @@ def _measure_on_board(config: LatencyConfig, artifacts_dir=None) -> LatencyResul
     from edgecl.devices.host import board_latency
 
     with tempfile.TemporaryDirectory(prefix="edgecl-latency-") as tmp:
-        prepared = prepare(config.model, config.input_shape, config.batch, ("portable",), artifacts_dir or tmp,
-                           config.seed)
+        prepared = prepare(config.subject, config.batch, ("portable",), cache_dir or tmp, config.seed)
         board = board_latency(config.serial_port, prepared.artifacts["portable"], config.batch, config.repeats,
                               config.warmup, config.threads)
     target = f"board:{board.machine}"
-    rows = (LatencyRow(config.model, "portable", target, "measured", "train", board.median_ms, board.iqr_ms, None),
-            LatencyRow(config.model, "portable", target, "measured", "infer", board.infer_median_ms,
+    label = config.subject.label
+    rows = (LatencyRow(label, "portable", target, "measured", "train", board.median_ms, board.iqr_ms, None),
+            LatencyRow(label, "portable", target, "measured", "infer", board.infer_median_ms,
                        board.infer_iqr_ms, None))
     return LatencyResult(config, rows, (), "set by the board", f"measured on the board at {config.serial_port} "
                          f"({board.machine}, {board.engine} engine, {board.steps} steps) over the serial link")
@@ -340,7 +356,7 @@ def format_table(result: LatencyResult) -> str:
     """A human table: one line per phase and engine, then where the cold start goes."""
     c = result.config
     cold = f"{c.cold_starts} cold starts, " if "cold_start" in c.phases and c.cold_starts else ""
-    lines = [f"{c.model} {'x'.join(map(str, c.input_shape))}, batch {c.batch}, {c.threads} threads, "
+    lines = [f"{c.subject.label} {'x'.join(map(str, c.input_shape))}, batch {c.batch}, {c.threads} threads, "
              f"{c.repeats} calls per engine (after {c.warmup} warm-up), {cold}"
              f"OMP_WAIT_POLICY={result.omp_wait_policy}",
              f"{'phase':<11}{'engine':<14}{'median ms':>11}{'IQR ms':>9}{'vs torch':>10}  {'source':<10}target"]

@@ -7,23 +7,54 @@ import json
 
 from .fresh_process import ENGINES, MODEL_NAMES, parse_shape
 
+ARTIFACTS_HELP = ("an export to bench as it is, on the engine its manifest names: read only, nothing exported, "
+                  "no torch needed (instead of --model)")
 
-def _engines(text: str) -> tuple[str, ...]:
-    return tuple(e.strip() for e in text.split(",") if e.strip())
+
+def _engines(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(e.strip() for e in text.split(",") if e.strip())
+
+
+def add_model_flags(p: argparse.ArgumentParser, default_shape: str = "1x8x8") -> None:
+    """--model, --input-shape and --classes: a built-in family or the user's FILE.py:FUNCTION."""
+    p.add_argument("--model", default=None, metavar="NAME|FILE.py:FUNCTION",
+                   help=f"a built-in family ({', '.join(MODEL_NAMES)}; default cnn) or your own model: a Python "
+                   "file and a function in it returning an nn.Module, called with no arguments (needs --input-shape)")
+    p.add_argument("--input-shape", default=None, help=f"one sample, C x H x W (e.g. 3x32x32; default "
+                   f"{default_shape} for a built-in family)")
+    p.add_argument("--classes", type=int, default=None, help="logits width of the model (default 10)")
+
+
+def refuse_with_artifacts(args) -> None:
+    """--artifacts alone: refuse it with --model, --input-shape, --classes or --cache, naming them.
+
+    Raises:
+        ValueError: naming the flags given with --artifacts and what is accepted.
+    """
+    if getattr(args, "artifacts", None) is None:
+        return
+    given = [flag for flag, dest in (("--model", "model"), ("--input-shape", "input_shape"), ("--classes", "classes"),
+                                     ("--cache", "cache")) if getattr(args, dest, None) is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} with --artifacts {args.artifacts!r}: an export is benched as it is, "
+                         "its manifest gives the model, its input, classes and engine, and nothing is exported or "
+                         "cached; accepted: --artifacts alone, or --model with --input-shape, --classes, --cache")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="cnn", help=f"one of {', '.join(MODEL_NAMES)}")
-    p.add_argument("--input-shape", default="1x8x8", help="one sample, C x H x W (e.g. 1x28x28)")
+    add_model_flags(p)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, among " + ", ".join(ENGINES))
+    p.add_argument("--engines", default=None, help="comma-separated, among " + ", ".join(ENGINES) +
+                   " (default: all; with --artifacts: the export's own engine)")
     p.add_argument("--target", default="host", help="label of the machine measured")
     p.add_argument("--runtime-python", default=None,
                    help="interpreter for the runtime-only processes (e.g. .venv-stock-ort/bin/python)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--artifacts", default=None, metavar="DIR",
-                   help="keep the exports in DIR and reuse them next time (default: a temporary folder)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help=ARTIFACTS_HELP)
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep bench's exports of --model in DIR and reuse them next time (default: a temporary "
+                   "folder); never an export of yours (that is --artifacts)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the result as JSON")
     out.add_argument("--csv", action="store_true", help="the rows as CSV")
@@ -49,13 +80,18 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_memory)
 
 
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else parse_shape(text)
+
+
 def _latency(args) -> int:
     from .latency import LatencyConfig, format_table, measure_latency, to_csv
 
-    config = LatencyConfig(args.model, parse_shape(args.input_shape), args.batch, args.threads, args.repeats,
+    refuse_with_artifacts(args)
+    config = LatencyConfig(args.model, _shape(args.input_shape), args.batch, args.threads, args.repeats,
                            args.warmup, args.cold_starts, _engines(args.engines), _engines(args.phases),
-                           args.target, args.device, args.seed, args.runtime_python)
-    result = measure_latency(config, args.artifacts)
+                           args.target, args.device, args.seed, args.runtime_python, args.classes, args.artifacts)
+    result = measure_latency(config, args.cache)
     print(json.dumps(result.to_dict(), indent=2) if args.json else to_csv(result) if args.csv
           else format_table(result))
     return 0
@@ -64,10 +100,11 @@ def _latency(args) -> int:
 def _memory(args) -> int:
     from .memory import MemoryConfig, format_table, measure_memory, to_csv
 
-    config = MemoryConfig(args.model, parse_shape(args.input_shape), args.batch, args.threads, args.steps,
+    refuse_with_artifacts(args)
+    config = MemoryConfig(args.model, _shape(args.input_shape), args.batch, args.threads, args.steps,
                           args.repeats, _engines(args.engines), args.target, args.seed, args.runtime_python,
-                          args.device)
-    result = measure_memory(config, args.artifacts)
+                          args.device, args.classes, args.artifacts)
+    result = measure_memory(config, args.cache)
     print(json.dumps(result.to_dict(), indent=2) if args.json else to_csv(result) if args.csv
           else format_table(result))
     return 0

@@ -15,9 +15,8 @@ import dataclasses
 import statistics
 import tempfile
 
-from edgecl.runtime.files import check_output_dir
-
-from .fresh_process import ENGINES, check_engines, check_seed_and_python, check_shape, prepare, rows_csv, run_fresh
+from .fresh_process import ENGINES, check_engines, check_seed_and_python, prepare, rows_csv, run_fresh
+from .subject import Subject, check_cache_dir, resolve_config_fields
 
 ROW_FIELDS = ("model", "engine", "process", "target", "source", "peak_rss_bytes", "ratio_to_torch",
               "imports_rss_bytes", "interpreter_rss_bytes", "torch_imported")
@@ -28,38 +27,41 @@ class MemoryConfig:
     """What `measure_memory` measures.
 
     Args:
-        model / input_shape / batch / threads / engines: as in `bench latency`.
+        model / input_shape / batch / threads / engines / num_classes / artifacts: as in
+            `edgecl.bench.latency.LatencyConfig` (engines None with a device: the portable engine).
         steps: training steps of each run. repeats: runs per engine (the median peak is kept).
         target: label of the machine measured. runtime_python: interpreter of the
             runtime-only children (default: this one), e.g. a venv with stock onnxruntime.
         device: "serial:PORT" (a pyserial URL) to measure the portable engine's fresh process
             on the board whose agent listens there; None: this machine.
     Raises:
-        ValueError: naming the bad field and what is accepted.
+        ValueError: naming the bad field and what is accepted (both fields of a contradiction).
+        ArtifactError: `artifacts` is not a loadable export.
     """
 
-    model: str = "cnn"
-    input_shape: tuple = (1, 8, 8)
+    model: str | None = None
+    input_shape: tuple | None = None
     batch: int = 32
     threads: int = 2
     steps: int = 20
     repeats: int = 1
-    engines: tuple = ENGINES
+    engines: tuple | None = None
     target: str = "host"
     seed: int = 0
     runtime_python: str | None = None
     device: str | None = None
+    num_classes: int | None = None
+    artifacts: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "input_shape", check_shape(self.model, self.input_shape))
+        # on a board, by default the engine its artifacts are for
+        resolve_config_fields(self, ("portable",) if self.device is not None else ENGINES)
         object.__setattr__(self, "engines", check_engines(self.engines))
         check_seed_and_python(self.seed, self.runtime_python)
         if self.device is not None:
             if not (str(self.device).startswith("serial:") and self.serial_port):
                 raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
                                  "(serial:/dev/ttyUSB0, serial:socket://host:4000); memory is measured, never projected")
-            if self.engines == ENGINES:  # the default: on a board, the engine its artifacts are for
-                object.__setattr__(self, "engines", ("portable",))
             if self.engines != ("portable",) or self.runtime_python is not None or self.batch < 2:
                 raise ValueError(f"engines={list(self.engines)}, runtime_python={self.runtime_python!r}, "
                                  f"batch={self.batch} with device={self.device!r}; accepted: engines ['portable'], "
@@ -70,6 +72,11 @@ class MemoryConfig:
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= 1")
         if not isinstance(self.target, str) or not self.target:
             raise ValueError(f"target={self.target!r}; accepted: a non-empty label such as 'host'")
+
+    @property
+    def subject(self) -> Subject:
+        """What is measured (the resolved model, input, classes, or the artifact folder)."""
+        return Subject.of(self.model, self.input_shape, self.num_classes, self.artifacts, self.engines)
 
     @property
     def serial_port(self) -> str | None:
@@ -127,55 +134,55 @@ def _median_int(values) -> int | None:
     return int(statistics.median(values)) if values else None
 
 
-def measure_memory(config: MemoryConfig = MemoryConfig(), artifacts_dir=None) -> MemoryResult:
-    """Export once (host side, torch), then run `steps` training steps per engine in fresh processes.
+def measure_memory(config: MemoryConfig = MemoryConfig(), cache_dir=None) -> MemoryResult:
+    """Export once (host side, torch) or take `config.artifacts` as they are (no torch), then run
+    `steps` training steps per engine in fresh processes.
 
     Args:
-        config: what to measure. artifacts_dir: a folder to keep the exports in and reuse
-            them from (see `edgecl.bench.fresh_process.prepare`); None: a temporary folder.
+        config: what to measure. cache_dir: a folder to keep bench's exports in and reuse them
+            from (see `edgecl.bench.fresh_process.prepare`); None: a temporary folder. Never the
+            user's export: that is `config.artifacts`, only read.
 
     Returns:
         MemoryResult: peak resident bytes per engine (median over `repeats` runs), with the
         ratio to torch eager's peak when "torch" is among the engines. With a serial device:
         one row, the portable engine's process on the board (no torch there, so no ratio).
     Raises:
-        RuntimeError: a fresh process failed (its error shown). EdgeclError: the board's link
-            or agent failed (edgecl.devices).
+        ValueError: a cache_dir with `config.artifacts`, or one that is an export itself
+            (`edgecl.bench.subject.check_cache_dir`). RuntimeError: a fresh process failed (its error
+            shown). EdgeclError: the board's link or agent failed (edgecl.devices).
     """
-    if artifacts_dir is not None:
-        check_output_dir(artifacts_dir, "artifacts")  # before measuring: exports are kept there
+    cache_dir = check_cache_dir(cache_dir, config.subject)  # before measuring: exports are kept there
     if config.serial_port is not None:
-        return _measure_on_board(config, artifacts_dir)
+        return _measure_on_board(config, cache_dir)
     reports = {name: [] for name in config.engines}
     names = list(config.engines)
     with tempfile.TemporaryDirectory(prefix="edgecl-memory-") as tmp:
-        prepared = prepare(config.model, config.input_shape, config.batch, config.engines, artifacts_dir or tmp,
-                           config.seed)
+        prepared = prepare(config.subject, config.batch, config.engines, cache_dir or tmp, config.seed)
         for r in range(config.repeats):
             turn = r % len(names)
             for name in names[turn:] + names[:turn]:
                 reports[name].append(run_fresh(prepared, name, config.steps, config.threads, config.runtime_python))
     peaks = {name: _median_int(c.peak_rss_bytes for c in rs) for name, rs in reports.items()}
     base = peaks.get("torch")
-    rows = tuple(MemoryRow(config.model, name, rs[0].process, config.target, "measured", peaks[name],
+    rows = tuple(MemoryRow(prepared.model, name, rs[0].process, config.target, "measured", peaks[name],
                            peaks[name] / base if base else None, _median_int(c.imports_rss_bytes for c in rs),
                            _median_int(c.interpreter_rss_bytes for c in rs), any(c.torch_imported for c in rs))
                  for name, rs in reports.items())
     return MemoryResult(config, rows)
 
 
-def _measure_on_board(config: MemoryConfig, artifacts_dir=None) -> MemoryResult:
+def _measure_on_board(config: MemoryConfig, cache_dir=None) -> MemoryResult:
     """Export here, push once, then `repeats` fresh runtime-only processes measured by the agent on the board."""
     from edgecl.devices.host import push_for_bench, connect
 
     with tempfile.TemporaryDirectory(prefix="edgecl-memory-") as tmp:
-        prepared = prepare(config.model, config.input_shape, config.batch, ("portable",), artifacts_dir or tmp,
-                           config.seed)
+        prepared = prepare(config.subject, config.batch, ("portable",), cache_dir or tmp, config.seed)
         with connect(config.serial_port) as device:
             name = push_for_bench(device, prepared.artifacts["portable"])
             runs = [device.probe_process(name, config.batch, config.steps, config.threads)
                     for _ in range(config.repeats)]
-    row = MemoryRow(config.model, "portable", "runtime-only", f"board:{runs[0].machine}", "measured",
+    row = MemoryRow(prepared.model, "portable", "runtime-only", f"board:{runs[0].machine}", "measured",
                     _median_int(r.peak_rss_bytes for r in runs), None, _median_int(r.imports_rss_bytes for r in runs),
                     _median_int(r.interpreter_rss_bytes for r in runs), any(r.torch_imported for r in runs))
     return MemoryResult(config, (row,))
@@ -189,7 +196,7 @@ def format_table(result: MemoryResult) -> str:
     """A human table in MiB: peak, ratio to torch eager, and the resident set after the imports."""
     c = result.config
     where = f", on the board at {c.serial_port}" if c.serial_port is not None else ""
-    lines = [f"{c.model} {'x'.join(map(str, c.input_shape))}, batch {c.batch}, {c.threads} threads, {c.steps} "
+    lines = [f"{c.subject.label} {'x'.join(map(str, c.input_shape))}, batch {c.batch}, {c.threads} threads, {c.steps} "
              f"training steps in a fresh process per engine{where}, median of {c.repeats}",
              f"{'engine':<14}{'process':<14}{'target':<16}{'peak MiB':>9}{'vs torch':>10}{'imports MiB':>13}"
              f"{'python MiB':>12}  torch imported"]

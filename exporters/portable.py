@@ -6,9 +6,10 @@ BatchNorm running statistics from one batch. Parameters, masks and running stati
 are graph *inputs*, so the device owns them as numpy arrays and updates them itself.
 
 How: the joint forward+backward of `torch.func.functional_call` is traced with
-`make_fx` (symbolic batch size, core ATen decompositions plus the two hand-written
-backward decompositions in `backward_ops`), then exported with the dynamo ONNX exporter
-with `optimize=False` (its optimizer would constant-fold weight * mask).
+`make_fx` (symbolic batch size, core ATen decompositions plus the hand-written backward
+decompositions in `backward_ops`), then translated by the dynamo ONNX exporter's
+translator without its re-traces or its optimizer (which would constant-fold
+weight * mask): `fx_onnx`.
 
 Graph inputs:  x, y, sample_weight, target_logits, logit_weight, param::<name>...,
                mask::<name>..., buffer::<name>...
@@ -18,6 +19,7 @@ Graph outputs: loss, logits, grad::<name>... (trainable only), buffer_out::<name
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -31,42 +33,12 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from edgecl.runtime.manifest import TensorSpec
 
-from .backward_ops import decomposition_table, onnx_translations
+from .fx_onnx import decomposition_table, is_functional, to_onnx
 from .onnx_files import save_onnx
 from .quiet import quiet_onnx_export
+from .train_batchnorm import TrainBatchNorm2d
 
 BATCH_INPUTS = ("x", "y", "sample_weight", "target_logits", "logit_weight")
-MAX_BATCH = 1 << 16
-
-
-class _TrainBatchNorm2d(nn.Module):
-    """BatchNorm2d in training mode written without in-place updates.
-
-    Normalises with the batch statistics (as torch does in training) and leaves the new
-    running statistics in `self.new_stats` instead of mutating buffers, so the step
-    graph can return them as outputs. Same parameter and buffer names as BatchNorm2d.
-    """
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.weight, self.bias = bn.weight, bn.bias
-        self.register_buffer("running_mean", bn.running_mean)
-        self.register_buffer("running_var", bn.running_var)
-        self.eps, self.momentum = bn.eps, bn.momentum
-        self.new_stats = None
-
-    def forward(self, x):
-        mean = x.mean(dim=(0, 2, 3))
-        centered = x - mean[None, :, None, None]
-        var = (centered * centered).mean(dim=(0, 2, 3))
-        out = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.weight is not None:
-            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        m = self.momentum
-        unbiased = var.detach() * (count / max(count - 1, 1))
-        self.new_stats = ((1 - m) * self.running_mean + m * mean.detach(), (1 - m) * self.running_var + m * unbiased)
-        return out
 
 
 class _TrainDropout(nn.Module):
@@ -81,7 +53,7 @@ class _TrainDropout(nn.Module):
         return x * keep * (1.0 / (1.0 - self.p))
 
 
-def _training_copy(model: nn.Module, dropout: bool) -> tuple[nn.Module, dict[str, _TrainBatchNorm2d]]:
+def _training_copy(model: nn.Module, dropout: bool) -> tuple[nn.Module, dict[str, TrainBatchNorm2d]]:
     """A copy of `model` with functional BatchNorm and (unless asked) Dropout removed."""
     model = copy.deepcopy(model).train()
     bns = {}
@@ -89,7 +61,7 @@ def _training_copy(model: nn.Module, dropout: bool) -> tuple[nn.Module, dict[str
         for child_name, child in list(module.named_children()):
             full = f"{path}.{child_name}" if path else child_name
             if isinstance(child, nn.BatchNorm2d):
-                bns[full] = _TrainBatchNorm2d(child)
+                bns[full] = TrainBatchNorm2d(child)
                 setattr(module, child_name, bns[full])
             elif isinstance(child, nn.Dropout):
                 setattr(module, child_name, _TrainDropout(child.p) if dropout else nn.Identity())
@@ -103,12 +75,20 @@ def weighted_loss(logits, y, sample_weight, target_logits, logit_weight):
     return (sample_weight * ce).sum() + (logit_weight * mse).sum()
 
 
-def _make_step_fn(model, bns, params, buffers, mask_names):
+def _make_step_fn(model, bns, params, buffers, mask_names, functional: bool):
+    """The step as a function of flat tensors; `functional`: the model's forward runs under
+    `torch.func.functionalize` (its in-place ops become out-of-place ones)."""
     names = [p.name for p in params]
     trainable = [p.name for p in params if p.trainable]
     buffer_names = [b.name for b in buffers]
     bn_of_buffer = {b: (path, 0 if b.endswith("running_mean") else 1) for path in bns for b in buffer_names
                     if b.rsplit(".", 1)[0] == path}
+
+    def forward(state, x):  # the new running statistics as outputs: nothing escapes functionalize
+        logits = torch.func.functional_call(model, state, (x,), strict=False)
+        return logits, {path: bn.new_stats for path, bn in bns.items()}
+
+    forward = torch.func.functionalize(forward) if functional else forward
 
     def step(x, y, sample_weight, target_logits, logit_weight, *flat):
         p_vals = dict(zip(names, flat[: len(names)]))
@@ -117,16 +97,16 @@ def _make_step_fn(model, bns, params, buffers, mask_names):
         for n in trainable:
             p_vals[n].requires_grad_(True)
         effective = {n: (p_vals[n] * m_vals[n] if n in m_vals else p_vals[n]) for n in names}
-        logits = torch.func.functional_call(model, {**effective, **b_vals}, (x,), strict=False)
+        logits, stats = forward({**effective, **b_vals}, x)
         loss = weighted_loss(logits, y, sample_weight, target_logits, logit_weight)
         grads = torch.autograd.grad(loss, [p_vals[n] for n in trainable])
-        new_buffers = [bns[bn_of_buffer[b][0]].new_stats[bn_of_buffer[b][1]] for b in buffer_names]
+        new_buffers = [stats[bn_of_buffer[b][0]][bn_of_buffer[b][1]] for b in buffer_names]
         return (loss, logits, *grads, *new_buffers)
 
     return step
 
 
-def _make_forward_fn(model, params, buffers, mask_names):
+def _make_forward_fn(model, params, buffers, mask_names, functional: bool):
     names = [p.name for p in params]
     buffer_names = [b.name for b in buffers]
 
@@ -135,14 +115,19 @@ def _make_forward_fn(model, params, buffers, mask_names):
         m_vals = dict(zip(mask_names, flat[len(names) : len(names) + len(mask_names)]))
         b_vals = dict(zip(buffer_names, flat[len(names) + len(mask_names) :]))
         effective = {n: (p_vals[n] * m_vals[n] if n in m_vals else p_vals[n]) for n in names}
-        return torch.func.functional_call(model, {**effective, **b_vals}, (x,), strict=False)
+        return (torch.func.functional_call(model, {**effective, **b_vals}, (x,), strict=False),)
 
-    return forward
+    return torch.func.functionalize(forward) if functional else forward
 
 
-def _rename_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
-    """Give graph inputs and outputs stable names (the exporter numbers them arg0_1, ...)."""
+def _rename_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str], dims: dict[str, str]) -> onnx.ModelProto:
+    """Give graph inputs and outputs stable names (the exporter numbers them arg0_1, ...), and
+    symbolic dimensions the names in `dims` (make_fx numbers them s0, s1, ...)."""
     graph = proto.graph
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in dims:
+                d.dim_param = dims[d.dim_param]
     if len(graph.input) != len(inputs) or len(graph.output) != len(outputs):
         raise RuntimeError(f"exported graph has {len(graph.input)} inputs / {len(graph.output)} outputs, "
                            f"expected {len(inputs)} / {len(outputs)}")
@@ -160,32 +145,39 @@ def _rename_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) ->
     return proto
 
 
-def _trace(fn, args, n_batch_args: int) -> torch.fx.GraphModule:
-    """make_fx with only the batch dimension of the first `n_batch_args` inputs symbolic.
+def _trace(make_fn, args, n_batch_args: int, opset: int) -> tuple[torch.fx.GraphModule, str]:
+    """make_fx of `make_fn(functional=False)` with only the batch dimension of the first
+    `n_batch_args` inputs symbolic.
 
     (tracing_mode="symbolic" makes every dimension of every parameter symbolic too, and
-    is 5-10x slower for the same graph.)
+    is 5-10x slower for the same graph.) A graph that mutates a tensor (a user's in-place
+    `out += x`) is traced once more from `make_fn(functional=True)`.
+
+    Returns:
+        (graph, the name of the batch-size symbol in it).
     """
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
 
     def fake(i, a):
-        dims = [DimDynamic.DYNAMIC if (d == 0 and i < n_batch_args) else DimDynamic.STATIC for d in range(a.ndim)]
+        if i >= n_batch_args:  # no symbols at all: a symbol per static dimension cost 1 s on ResNet-18
+            return mode.from_tensor(a, static_shapes=True)
+        dims = [DimDynamic.DYNAMIC if d == 0 else DimDynamic.STATIC for d in range(a.ndim)]
         return mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
 
     fake_args = [fake(i, a) for i, a in enumerate(args)]
+    table = decomposition_table(opset)
     with mode:
-        return make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="real")(*fake_args)
+        traced = make_fx(make_fn(functional=False), decomposition_table=table, tracing_mode="real")(*fake_args)
+        if not is_functional(traced):
+            traced = make_fx(make_fn(functional=True), decomposition_table=table, tracing_mode="real")(*fake_args)
+    return traced, str(fake_args[0].shape[0])
 
 
-def _export_graph(fn, args, n_batch_args: int, input_names, output_names, path: Path, opset: int) -> None:
-    traced = _trace(fn, args, n_batch_args)
-    batch = torch.export.Dim("N", min=1, max=MAX_BATCH)
-    dynamic = tuple({0: batch} if i < n_batch_args else None for i in range(len(args)))
+def _export_graph(make_fn, args, n_batch_args: int, input_names, output_names, path: Path, opset: int) -> None:
     with quiet_onnx_export():
-        program = torch.onnx.export(traced, tuple(args), dynamo=True, optimize=False, opset_version=opset,
-                                    dynamic_shapes=dynamic, verbose=False,
-                                    custom_translation_table=onnx_translations())
-    save_onnx(_rename_io(program.model_proto, list(input_names), list(output_names)), path)
+        traced, batch_symbol = _trace(make_fn, args, n_batch_args, opset)
+        proto = to_onnx(traced, opset)
+    save_onnx(_rename_io(proto, list(input_names), list(output_names), {batch_symbol: "N"}), path)
 
 
 def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, params: tuple[TensorSpec, ...],
@@ -213,7 +205,7 @@ def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, 
                     + [f"buffer::{b.name}" for b in buffers])
 
     train_model, bns = _training_copy(model, dropout)
-    step_fn = _make_step_fn(train_model, bns, params, buffers, mask_names)
+    step_fn = functools.partial(_make_step_fn, train_model, bns, params, buffers, mask_names)
     batch_args = [x, torch.zeros(n, dtype=torch.int64), torch.full((n,), 1.0 / n), torch.zeros(n, k), torch.zeros(n)]
     step_inputs = list(BATCH_INPUTS) + state_inputs
     step_outputs = ["loss", "logits"] + [f"grad::{t}" for t in trainable] + [f"buffer_out::{b.name}" for b in buffers]
@@ -221,7 +213,7 @@ def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, 
                   folder / "step.onnx", opset)
 
     eval_model = copy.deepcopy(model).eval()
-    forward_fn = _make_forward_fn(eval_model, params, buffers, mask_names)
+    forward_fn = functools.partial(_make_forward_fn, eval_model, params, buffers, mask_names)
     forward_inputs = ["x"] + state_inputs
     _export_graph(forward_fn, [x] + p_args + m_args + b_args, 1, forward_inputs, ["logits"],
                   folder / "forward.onnx", opset)

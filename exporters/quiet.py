@@ -14,9 +14,12 @@ def quiet_onnx_export():
 
     Errors still propagate; what was printed is attached to the exception as a note.
     """
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # _registration: "torchvision is not installed"; _core: "nn_module_stack not found" for every
+    # node of a make_fx graph (only torch.export records module paths).
+    loggers = [logging.getLogger(f"torch.onnx._internal.exporter.{name}") for name in ("_registration", "_core")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     out = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(out):
@@ -27,4 +30,5 @@ def quiet_onnx_export():
             e.add_note(out.getvalue()[-2000:])
         raise
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

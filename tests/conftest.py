@@ -19,6 +19,17 @@ SLOW_UNDER_EMULATION = {
         "gives itself 15 s of kills, and an emulated child takes ~5 s to start: too few kills to judge",
     "tests/runtime/test_loop.py::test_permuted_digits_is_domain_incremental":
         "4 min emulated; the loop trains on aarch64 in test_der_plus_plus_beats_fine_tuning_… and the agent tests",
+    "tests/runtime/test_loop.py::test_a_resume_under_other_settings_is_refused_naming_each_field_and_changes_nothing":
+        "8 cases, each trains a run first (1.3 s each natively); the settings check is JSON, nothing platform-specific "
+        "(test_jobs.py's refusal through the agent runs emulated)",
+    "tests/runtime/test_loop.py::test_an_edited_meta_json_falls_back_to_the_older_checkpoint":
+        "3 runs (2.4 s each natively); checkpoint files and JSON, nothing platform-specific",
+    "tests/runtime/test_loop.py::test_a_position_this_run_cannot_be_at_falls_back_too":
+        "10 runs (1.3-1.7 s each natively); validation of a JSON position, nothing platform-specific",
+    "tests/runtime/test_loop.py::test_another_checkpoint_cadence_resumes_the_same_run":
+        "two runs (1.6 s natively); test_a_resumed_run_ends_with_the_uninterrupted_metrics resumes emulated",
+    "tests/runtime/test_loop.py::test_other_data_under_the_same_name_is_refused":
+        "two runs natively ~1 s; a sha256 over the data, nothing platform-specific",
     "tests/runtime/test_loop.py::test_sparcl_keeps_exact_sparsity_and_counts_fewer_flops":
         "2.5 min emulated; SparCL-DER++ trains on aarch64 in test_agent_e2e.py::test_training_survives_an_agent_restart",
 }

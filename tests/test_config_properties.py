@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgecl.bench.cl_run import JobConfig
+from edgecl.bench.fresh_process import MODEL_NAMES
 from edgecl.bench.latency import LatencyConfig
 from edgecl.bench.memory import MemoryConfig
 from edgecl.devices.jobs import DataSpec, TrainSpec
@@ -61,8 +62,7 @@ CONFIGS = {
     "LearnerSpec": (LearnerSpec, {}, LEARNER),
     "JobConfig": (JobConfig, {}, {**LEARNER, "data": TEXT.filter(lambda s: s not in ("digits", "fashion-mnist")),
                                   "scenario": TEXT.filter(lambda s: s not in ("split", "permuted")),
-                                  "model": TEXT.filter(lambda s: s not in ("mlp", "cnn", "cnn-s2", "resnet",
-                                                                           "mobilenet")),
+                                  "model": TEXT.filter(lambda s: s not in MODEL_NAMES),
                                   "engine": TEXT.filter(lambda s: s not in ("portable", "ort-training", "torch")),
                                   "nudge_ulp": NOT_BOOL}),
     "TrainSpec": (TrainSpec, {"run": "r", "artifact": "a", "data": DataSpec("d")},
@@ -94,13 +94,14 @@ CONFIGS = {
                                                                              max_size=3), TEXT, st.none())}),
 }
 BENCH = {
-    "model": TEXT.filter(lambda s: s not in ("mlp", "cnn", "cnn-s2", "resnet", "mobilenet")),
+    "model": TEXT.filter(lambda s: s not in MODEL_NAMES),
     "input_shape": st.one_of(st.just((8, 8)), st.just((0, 8, 8)), st.just((1, 2, 2)), st.just(()), TEXT,
                              st.just((1.5, 8, 8)), st.integers()),
     "batch": ints_below(1), "threads": ints_below(1), "seed": SEED,
     "engines": st.one_of(st.just(()), st.just(("portable", "portable")), st.lists(NAME, min_size=1, max_size=2)),
     "target": st.one_of(st.just(""), st.integers(), st.none()),
     "runtime_python": st.sampled_from(["", "/nonexistent/python", "/"]),
+    "num_classes": ints_below(2).filter(lambda v: v is not None),
 }
 CONFIGS["LatencyConfig"] = (LatencyConfig, {}, {**BENCH, "repeats": ints_below(1), "warmup": ints_below(0),
                                                 "cold_starts": ints_below(0),

@@ -62,7 +62,7 @@ def test_json_shape_and_table(result):
 @pytest.mark.ort_training
 def test_cli_json_all_engines_without_cold_start(capsys, exports):
     argv = ["latency", "--model", "mlp", "--repeats", "3", "--warmup", "1", "--phases", "train,infer", "--json",
-            "--artifacts", str(exports)]
+            "--cache", str(exports)]
     devices = importlib.util.find_spec("edgecl.devices.roofline") is not None
     if devices:
         argv += ["--device", "raspberry-pi-5"]
@@ -83,7 +83,7 @@ def test_cli_json_all_engines_without_cold_start(capsys, exports):
 
 def test_cli_csv_without_torch_has_no_ratio(capsys, exports):
     assert bench_cli.main(["latency", "--model", "mlp", "--engines", "portable", "--repeats", "1", "--phases",
-                           "infer", "--csv", "--artifacts", str(exports)]) == 0
+                           "infer", "--csv", "--cache", str(exports)]) == 0
     header, row = capsys.readouterr().out.strip().splitlines()
     assert row.startswith("mlp,portable,host,measured,infer,") and row.endswith(",")  # ratio_to_torch empty
 

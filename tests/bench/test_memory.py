@@ -47,7 +47,7 @@ def test_json_table_and_csv(result):
 @pytest.mark.ort_training
 def test_cli_json_for_one_engine_has_no_ratio(capsys, exports):
     assert bench_cli.main(["memory", "--model", "mlp", "--engines", "ort-training", "--steps", "2", "--json",
-                           "--artifacts", str(exports)]) == 0
+                           "--cache", str(exports)]) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert row["engine"] == "ort-training" and row["process"] == "runtime-only"
     assert row["peak_rss_bytes"] > 0 and row["ratio_to_torch"] is None
@@ -65,12 +65,14 @@ def test_cli_refuses_bad_input(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_exports_are_reused_from_the_artifacts_folder(exports):
+def test_exports_are_reused_from_the_cache_folder(exports):
     from edgecl.bench.fresh_process import prepare
+    from edgecl.bench.subject import resolve_subject
 
-    first = prepare("mlp", (1, 8, 8), 4, ("portable",), exports)
+    subject = resolve_subject("mlp", (1, 8, 8))
+    first = prepare(subject, 4, ("portable",), exports)
     stamp = (first.artifacts["portable"] / "manifest.json").stat().st_mtime_ns
-    again = prepare("mlp", (1, 8, 8), 4, ("portable",), exports)
+    again = prepare(subject, 4, ("portable",), exports)
     assert again.artifacts == first.artifacts
     assert (again.artifacts["portable"] / "manifest.json").stat().st_mtime_ns == stamp  # not exported again
 

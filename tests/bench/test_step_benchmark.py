@@ -3,8 +3,9 @@
 Batch 32, 2 threads, SGD; the small CNN and the MLP at 8x8 (digits: so small that
 per-call overheads dominate) and 28x28 (Fashion-MNIST); dense, plus the CNN with
 90 %-sparse masks (the mask handling SparCL adds; the kernels stay dense); the small
-ResNet and the MobileNet-style net at 8x8. Each model and input size is one
-pytest-benchmark group, so the engines print side by side. `bench latency` measures
+ResNet and the MobileNet-style net at 8x8; and the real-size CIFAR-10 nets, ResNet-18
+and MobileNetV2 at 3x32x32 (REAL_SIZE: fewer rounds, a step takes 0.1-2 s). Each model
+and input size is one pytest-benchmark group, so the engines print side by side. `bench latency` measures
 the same steps with the engines taking turns, plus inference and cold start.
 
 The normal test run skips them (pyproject: `--benchmark-skip`, which skips at
@@ -51,9 +52,20 @@ WARMUP = 20
 ENGINES = ("torch", "portable", "ort-training")
 CASES = [  # (model, input size, masked)
     ("mlp", 8, False), ("mlp", 28, False), ("cnn", 8, False), ("cnn", 8, True), ("cnn", 28, False),
-    ("cnn", 28, True), ("resnet", 8, False), ("mobilenet", 8, False),
+    ("cnn", 28, True), ("resnet", 8, False), ("mobilenet", 8, False), ("resnet18", 32, False),
+    ("mobilenetv2", 32, False),
 ]
 DENSITY = 0.1  # of the masked variant (SparCL's 90 % sparsity)
+# CIFAR-10 inputs (3 channels); a ResNet-18 step is ~1-2 s here, so 15 timed rounds (the issue's medians of 15)
+REAL_SIZE = {"resnet18": (3, 15, 2), "mobilenetv2": (3, 15, 2)}  # model -> (channels, rounds, warm-up rounds)
+
+
+def _shape(model: str, hw: int) -> tuple[int, int, int]:
+    return (REAL_SIZE.get(model, (1,))[0], hw, hw)
+
+
+def _rounds(model: str) -> tuple[int, int]:
+    return REAL_SIZE[model][1:] if model in REAL_SIZE else (ROUNDS, WARMUP)
 
 
 def _group(model: str, hw: int, masked: bool) -> str:
@@ -72,9 +84,9 @@ def _exporter(folder_for):
     def get(model: str, hw: int, engine: str, masked: bool):
         key = (model, hw, engine, masked)
         if key not in cache:
-            net = build_model(model, in_shape=(1, hw, hw), num_classes=10, seed=0)
+            net = build_model(model, in_shape=_shape(model, hw), num_classes=10, seed=0)
             folder = folder_for(f"{model}{hw}-{engine}-{'masked' if masked else 'dense'}")
-            export(net, torch.randn(4, 1, hw, hw), folder, engine=engine, masks="weights" if masked else None)
+            export(net, torch.randn(4, *_shape(model, hw)), folder, engine=engine, masks="weights" if masked else None)
             cache[key] = (net, folder)
         return cache[key]
 
@@ -101,7 +113,7 @@ def _setup(artifacts, model: str, hw: int, masked: bool, engine: str):
     rng = np.random.default_rng(0)
     if masked:
         eng.set_masks({n: (rng.random(s) < DENSITY).astype(np.float32) for n, s in eng.mask_shapes.items()})
-    x = rng.standard_normal((BATCH, 1, hw, hw), dtype=np.float32)
+    x = rng.standard_normal((BATCH, *_shape(model, hw)), dtype=np.float32)
     return eng, x, rng.integers(0, 10, BATCH)
 
 
@@ -113,7 +125,8 @@ def test_step(benchmark, artifacts, case, engine):
     benchmark.group = _group(*case)
     benchmark.name = engine
     benchmark.extra_info.update(engine=engine, batch=BATCH, threads=THREADS, omp_wait_policy=OMP_POLICY)
-    benchmark.pedantic(eng.step, args=(x, y), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    rounds, warmup = _rounds(case[0])
+    benchmark.pedantic(eng.step, args=(x, y), rounds=rounds, warmup_rounds=warmup, iterations=1)
     last = eng.step(x, y)
     assert np.isfinite(last) and last < first, f"{engine}: loss {first} -> {last}; the steps did not train"
 
@@ -139,13 +152,14 @@ def ratio_table(json_path: str) -> str:
     return _table(medians)
 
 
-def interleaved_table(rounds: int = ROUNDS) -> str:
+def interleaved_table(rounds: int | None = None) -> str:
     """The same steps, the engines of a group taking turns round by round.
 
     pytest-benchmark times one engine after the other; when another process takes a core
     for a while, that lands on whichever engine is running. Taking turns spreads it evenly,
     so the ratios hold on a busy machine (the absolute times still move). The order rotates
-    every round: a step right after a torch step was measured 0.1-0.2 ms slower.
+    every round: a step right after a torch step was measured 0.1-0.2 ms slower. `rounds`:
+    per case (default ROUNDS, REAL_SIZE's for those).
     """
     import tempfile
     import time
@@ -157,13 +171,15 @@ def interleaved_table(rounds: int = ROUNDS) -> str:
         for case in CASES:
             setups = {e: _setup(artifacts, *case, e) for e in ENGINES}
             times = {e: [] for e in ENGINES}
-            for r in range(WARMUP + rounds):
+            timed, warmup = _rounds(case[0])
+            timed = timed if rounds is None else rounds
+            for r in range(warmup + timed):
                 turn = r % len(ENGINES)
                 for e in ENGINES[turn:] + ENGINES[:turn]:  # rotated: the step after a torch step runs slower
                     eng, x, y = setups[e]
                     start = time.perf_counter()
                     eng.step(x, y)
-                    if r >= WARMUP:
+                    if r >= warmup:
                         times[e].append(time.perf_counter() - start)
             medians[_group(*case)] = {e: float(np.median(t)) for e, t in times.items()}
     return _table(medians)

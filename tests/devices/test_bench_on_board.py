@@ -14,7 +14,7 @@ pytestmark = pytest.mark.torch  # the host exports the model it pushes
 
 def test_bench_latency_on_a_board_is_measured_there(board, capsys, tmp_path):
     argv = ["latency", "--model", "mlp", "--input-shape", "1x8x8", "--batch", "8", "--repeats", "5",
-            "--warmup", "1", "--threads", "1", "--artifacts", str(tmp_path), "--device", f"serial:{board.relay.host_path}"]
+            "--warmup", "1", "--threads", "1", "--cache", str(tmp_path), "--device", f"serial:{board.relay.host_path}"]
     assert bench_cli.main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     with board.device() as device:
@@ -32,7 +32,7 @@ def test_bench_latency_on_a_board_is_measured_there(board, capsys, tmp_path):
 
 
 def test_no_agent_on_the_port_is_a_clear_error(capsys, tmp_path):
-    argv = ["latency", "--model", "mlp", "--input-shape", "1x8x8", "--artifacts", str(tmp_path),
+    argv = ["latency", "--model", "mlp", "--input-shape", "1x8x8", "--cache", str(tmp_path),
             "--device", "serial:/dev/edgecl-no-such-port"]
     assert bench_cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -41,7 +41,7 @@ def test_no_agent_on_the_port_is_a_clear_error(capsys, tmp_path):
 
 def test_bench_memory_on_a_board_measures_a_fresh_process_there(board, capsys, tmp_path):
     argv = ["memory", "--model", "mlp", "--input-shape", "1x8x8", "--batch", "8", "--steps", "3", "--repeats", "2",
-            "--threads", "1", "--artifacts", str(tmp_path), "--device", f"serial:{board.relay.host_path}"]
+            "--threads", "1", "--cache", str(tmp_path), "--device", f"serial:{board.relay.host_path}"]
     assert bench_cli.main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     with board.device() as device:
@@ -71,7 +71,7 @@ def test_the_agent_probe_refuses_an_unknown_measurement(board, exported):
 
 
 def test_memory_is_never_projected_from_a_profile(capsys, tmp_path):
-    argv = ["memory", "--model", "mlp", "--input-shape", "1x8x8", "--artifacts", str(tmp_path),
+    argv = ["memory", "--model", "mlp", "--input-shape", "1x8x8", "--cache", str(tmp_path),
             "--device", "raspberry-pi-4"]
     assert bench_cli.main(argv) == 2
     assert "device='raspberry-pi-4'; accepted: serial:PORT" in capsys.readouterr().err

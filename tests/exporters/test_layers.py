@@ -46,11 +46,25 @@ class _Residual(nn.Module):
         return self.head(torch.relu(self.a(x)) + x)
 
 
+class _InplaceResidual(nn.Module):  # in-place ops trace to aten.add_ / aten.div_, which ONNX cannot express
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 9 * 9, 10))
+
+    def forward(self, x):
+        out = self.a(x) * 1.5
+        out += x
+        out.div_(2)
+        return self.head(torch.relu(out))
+
+
 ENGINES = ["portable", pytest.param("ort-training", marks=pytest.mark.ort_training)]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("make", [_conv_variants, _pools, _Residual], ids=["conv", "pool-bn-dropout", "residual"])
+@pytest.mark.parametrize("make", [_conv_variants, _pools, _Residual, _InplaceResidual],
+                         ids=["conv", "pool-bn-dropout", "residual", "inplace-residual"])
 def test_layer_gradients_and_steps_match_torch(tmp_path, make, engine):
     torch.manual_seed(0)
     model = perturb_batchnorm(make())

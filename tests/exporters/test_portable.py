@@ -121,3 +121,24 @@ def test_save_and_load_continue_identically(exported, rng, tmp_path):
     assert [resumed.step(*b) for b in xs] == losses
     for k, v in eng.parameters().items():
         assert np.array_equal(v, resumed.parameters()[k])
+
+
+def test_export_logs_no_torch_onnx_warnings(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from tests.helpers import make_model
+
+    with caplog.at_level(logging.WARNING):
+        from edgecl.exporters import export
+
+        export(make_model("resnet"), torch.randn(2, 1, 8, 8), tmp_path / "a")
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("torch.onnx")][:3]
+
+
+def test_step_graph_inputs_have_a_batch_dimension_named_n(exported):
+    _, folder = exported("cnn")
+    graph = onnx.load(str(folder / "step.onnx"), load_external_data=False).graph
+    batch = {i.name: i.type.tensor_type.shape.dim[0].dim_param for i in graph.input if i.name in ("x", "y")}
+    assert batch == {"x": "N", "y": "N"}
