@@ -2,8 +2,9 @@
 
 `make_fx` with `core_aten_decompositions()` leaves `aten.convolution_backward`,
 `aten.max_pool2d_with_indices_backward` and `aten.avg_pool2d_backward` whole; the ONNX
-exporter cannot translate them. The convolution and average-pool backwards are rewritten
-here in forward ops that it can (convolution, transposed convolution); max pooling gets
+exporter cannot translate them. The convolution backward is rewritten in
+`conv_grads` (formulations chosen per layer shape), the average-pool backward here, in ops
+that it can translate (convolution, transposed convolution, products); max pooling gets
 its own ONNX translation pair (`onnx_translations`). The ReLU / ReLU6 backwards are
 replaced for speed only: on a (32, 16, 28, 28) tensor ONNX Runtime 1.19 takes 2.8 ms for
 the core decomposition's LessOrEqual + Where, 0.65 ms for Greater + Cast + Mul.
@@ -14,58 +15,31 @@ from __future__ import annotations
 import torch
 from torch._decomp import core_aten_decompositions
 
+from . import conv_grads, graph_ops
+
 aten = torch.ops.aten
 
 
 def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
                          groups, output_mask):
-    """Gradients of a 2-D convolution as convolutions.
+    """Gradients of a 2-D convolution, each by the formulation `conv_grads` picks from the static shapes.
 
-    grad-input is the transposed convolution of the output gradient with the weight;
-    grad-weight is a grouped convolution of the (channel <-> batch transposed) input with
-    the transposed output gradient, where stride and dilation swap roles, cropped to the
-    kernel (for a 1x1 kernel, a matrix product: `_grad_weight_pointwise`); grad-bias is a sum.
+    The input gradient is asked for only where the input needs one (not for the first layer);
+    the bias gradient is a sum over batch and pixels.
     """
     if transposed:
         raise NotImplementedError("edgecl exports Conv2d, not ConvTranspose2d")
-    n, cin, h, w = inp.shape
-    cout, _, kh, kw = weight.shape
-    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    in_hw = tuple(inp.shape[2:])
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
-        extra = _transposed_extra(inp, grad_out, (kh, kw), stride, padding, dilation)
-        grad_input = aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
-    if output_mask[1] and kh == kw == 1 and not any(padding):
-        grad_weight = _grad_weight_pointwise(grad_out, inp, weight.shape, stride, groups)
-    elif output_mask[1]:
-        g = groups
-        inp_t = inp.reshape(n, g, cin // g, h, w).permute(2, 1, 0, 3, 4).reshape(cin // g, g * n, h, w)
-        grad_t = grad_out.reshape(n, g, cout // g, ho, wo).permute(1, 2, 0, 3, 4).reshape(cout, n, ho, wo)
-        full = aten.convolution(inp_t, grad_t, None, dilation, padding, stride, False, [0, 0], g)
-        grad_weight = full[:, :, :kh, :kw].permute(1, 0, 2, 3)
+        how = conv_grads.grad_input_formulation(weight.shape, stride, padding, dilation, groups)
+        grad_input = conv_grads.grad_input(how, grad_out, in_hw, weight, stride, padding, dilation, groups)
+    if output_mask[1]:
+        how = conv_grads.grad_weight_formulation(in_hw, weight.shape, stride, padding, dilation, groups)
+        grad_weight = conv_grads.grad_weight(how, grad_out, inp, weight.shape, stride, padding, dilation, groups)
     if output_mask[2]:
         grad_bias = grad_out.sum(dim=[0, 2, 3])
     return grad_input, grad_weight, grad_bias
-
-
-def _grad_weight_pointwise(grad_out, inp, weight_shape, stride, groups):
-    """Gradient of a 1x1 convolution's weight: dW[o, c] = sum over n, p of grad[n, o, p] * x[n, c, p].
-
-    As a grouped convolution (above) this is a matrix-vector product per input channel (the
-    "kernel" is the whole output gradient, the output one pixel); as one matrix product, with
-    no more memory, the MobileNet step runs 7-18 % faster (8x8 and 28x28 inputs). For k x k
-    kernels the same product needs the input unfolded k*k times: 7-12 % faster on the 28x28
-    CNN, not worth k*k times the layer's input in memory on a board.
-    """
-    cout, cin_g, _, _ = weight_shape
-    ho, wo = grad_out.shape[2], grad_out.shape[3]
-    g, cout_g = groups, cout // groups
-    x = inp.permute(1, 0, 2, 3)[:, :, : stride[0] * (ho - 1) + 1 : stride[0], : stride[1] * (wo - 1) + 1 : stride[1]]
-    x = x.reshape(g, cin_g, -1)  # (G, Cin/G, N * Ho * Wo)
-    go = grad_out.permute(1, 0, 2, 3).reshape(g, cout_g, -1)  # (G, Cout/G, N * Ho * Wo)
-    if cout_g == 1:  # one output channel per group: a product and a sum, not G one-row matrix products
-        return (x * go).sum(dim=2).reshape(cout, cin_g, 1, 1)
-    return torch.bmm(go, x.transpose(1, 2)).reshape(cout, cin_g, 1, 1)
 
 
 def threshold_backward(grad_out, inp, threshold):
@@ -168,4 +142,5 @@ def onnx_translations() -> dict:
     return {
         aten.max_pool2d_with_indices.default: max_pool2d_with_indices_onnx,
         aten.max_pool2d_with_indices_backward.default: max_pool2d_with_indices_backward_onnx,
+        **graph_ops.onnx_translations(),
     }
