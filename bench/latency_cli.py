@@ -133,11 +133,13 @@ def _kernels(args) -> int:
     from edgecl.runtime.files import prepare_output, write_atomic
 
     from .kernels import KernelsConfig, check_top, format_table, measure_kernels
+    from .subject import check_cache_dir
 
     refuse_with_artifacts(args)
     config = KernelsConfig(args.model, _shape(args.input_shape), args.batch, args.threads, args.repeats, args.warmup,
                            _engines(args.engines), args.seed, args.runtime_python, args.classes, args.artifacts)
     check_top(args.top)
+    check_cache_dir(args.cache, config.subject)  # both before --json's folder is created
     if args.json:
         try:
             prepare_output(args.json)  # before the export and the runs

@@ -171,6 +171,7 @@ def test_a_users_export_is_profiled_without_torch(exports, tmp_path, python):
     (["--artifacts", "a-folder", "--model", "cnn"], "--model", "--artifacts", "accepted: --artifacts alone"),
     (["--json", "a-folder"], "--json", "a-folder", "is a folder; accepted: a file path"),
     (["--cache", "a-file"], "--cache", "a-file", "is a file; accepted: a folder"),
+    (["--cache", "a-file", "--json", "new/k.json"], "--cache", "a-file", "is a file; accepted: a folder"),
 ])
 def test_a_bad_flag_is_refused_before_anything_runs(tmp_path, argv, flag, value, accepted):
     (tmp_path / "a-file").write_text("x")
