@@ -1,4 +1,4 @@
-"""`bench latency` and `bench memory`: argument parsing and printing over the library functions."""
+"""`bench latency`, `bench memory` and `bench kernels`: argument parsing and printing over the library functions."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
-    """Add the `latency` and `memory` subcommands to `bench`'s subparsers."""
+    """Add the `latency`, `memory` and `kernels` subcommands to `bench`'s subparsers."""
     p = sub.add_parser("latency", help="training-step, inference and cold-start latency per engine vs torch eager")
     _common(p)
     p.add_argument("--repeats", type=int, default=50, help="timed calls per engine and phase")
@@ -78,6 +78,25 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default=None, metavar="serial:PORT",
                    help="measure the portable engine's process on the board whose agent listens on PORT")
     p.set_defaults(func=_memory)
+
+    p = sub.add_parser("kernels", help="ONNX Runtime's profile of an engine's training step: kernel time per op type")
+    add_model_flags(p)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    p.add_argument("--engines", default=None, help="comma-separated, among portable, ort-training (default: both; "
+                   "with --artifacts: the export's own engine)")
+    p.add_argument("--runtime-python", default=None,
+                   help="interpreter of the profiled runtime-only processes (e.g. .venv-stock-ort/bin/python)")
+    p.add_argument("--seed", type=int, default=0, help="the model's initial weights and the random batch")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help=ARTIFACTS_HELP)
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep bench's exports of --model in DIR and reuse them next time (default: a temporary "
+                   "folder); never an export of yours (that is --artifacts)")
+    p.add_argument("--repeats", type=int, default=10, help="profiled training steps per engine")
+    p.add_argument("--warmup", type=int, default=3, help="steps run first, left out of the figures")
+    p.add_argument("--top", type=int, default=12, help="op types shown by share before \"other\"")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=_kernels)
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -107,4 +126,28 @@ def _memory(args) -> int:
     result = measure_memory(config, args.cache)
     print(json.dumps(result.to_dict(), indent=2) if args.json else to_csv(result) if args.csv
           else format_table(result))
+    return 0
+
+
+def _kernels(args) -> int:
+    from edgecl.runtime.files import prepare_output, write_atomic
+
+    from .kernels import KernelsConfig, check_top, format_table, measure_kernels
+    from .subject import check_cache_dir
+
+    refuse_with_artifacts(args)
+    config = KernelsConfig(args.model, _shape(args.input_shape), args.batch, args.threads, args.repeats, args.warmup,
+                           _engines(args.engines), args.seed, args.runtime_python, args.classes, args.artifacts)
+    check_top(args.top)
+    check_cache_dir(args.cache, config.subject)  # both before --json's folder is created
+    if args.json:
+        try:
+            prepare_output(args.json)  # before the export and the runs
+        except ValueError as e:
+            raise ValueError(f"--json {e}") from None
+    result = measure_kernels(config, args.cache)
+    print(format_table(result, args.top))
+    if args.json:
+        write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {args.json}")
     return 0
