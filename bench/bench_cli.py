@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_flops_devices_report(sub)
 
-    from edgecl.bench.latency_cli import add_parsers as add_latency_memory  # latency, memory, kernels
+    from edgecl.bench.latency_cli import add_parsers as add_latency_memory  # latency, memory, kernels, pair
 
     add_latency_memory(sub)
     return parser

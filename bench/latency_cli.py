@@ -61,7 +61,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
-    """Add the `latency`, `memory` and `kernels` subcommands to `bench`'s subparsers."""
+    """Add the `latency`, `memory`, `kernels` and `pair` subcommands to `bench`'s subparsers."""
     p = sub.add_parser("latency", help="training-step, inference and cold-start latency per engine vs torch eager")
     _common(p)
     p.add_argument("--repeats", type=int, default=50, help="timed calls per engine and phase")
@@ -97,6 +97,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--top", type=int, default=12, help="op types shown by share before \"other\"")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     p.set_defaults(func=_kernels)
+
+    p = sub.add_parser("pair", help="two exports' training steps in one process, interleaved: the ratio B / A")
+    p.add_argument("artifacts_a", metavar="A", help="an export (e.g. made by the code before a change)")
+    p.add_argument("artifacts_b", metavar="B", help="an export of the same input shape and classes")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of both engines")
+    p.add_argument("--pairs", type=int, default=20, help="timed pairs (the order swaps every pair)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each engine first")
+    p.add_argument("--seed", type=int, default=0, help="the random batch")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
+    p.set_defaults(func=_pair)
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -150,4 +161,13 @@ def _kernels(args) -> int:
     if args.json:
         write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _pair(args) -> int:
+    from .pair import format_pair, measure_pair
+
+    result = measure_pair(args.artifacts_a, args.artifacts_b, batch=args.batch, threads=args.threads,
+                          pairs=args.pairs, warmup=args.warmup, seed=args.seed)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_pair(result))
     return 0
