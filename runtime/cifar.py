@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Dataset, _check_split, _existing_file, _to_unit_float
+from .dataset import DataError, Dataset, _check_split, _existing_file, _to_unit_float
 
 
 def load_cifar10(root, split: str = "train") -> Dataset:
