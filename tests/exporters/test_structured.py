@@ -34,7 +34,7 @@ def pair(tmp_path_factory):
         if name not in cache:
             root = tmp_path_factory.mktemp(f"structured-{name}")
             x = torch.randn(4, *IN_SHAPE)
-            export(make_model(name), x, root / "structured", structure="channel")
+            export(make_model(name), x, root / "structured", structure="channel", masks="weights")
             export(make_model(name), x, root / "dense", masks="weights")
             cache[name] = (root / "structured", root / "dense")
         return cache[name]
@@ -91,12 +91,15 @@ def test_structured_gradients_equal_dense_masked_ones_on_the_active_channels(pai
     for density in (0.5, 0.25, 0.75):  # one export, one engine, three channel sets
         # a fresh dense engine each time: its masks zero the weights they block for good
         dense = open_engine(d_dir, SGD, threads=2)
-        dense.set_parameters(structured.parameters())
         for k, v in structured.buffers().items():
             dense._buffers[k] = v.copy()
         index = _subset(rng, structured.channel_sets, density)
         structured.set_channels(index)
-        dense.set_masks(_dense_masks(dense, structured._gathers, index))
+        # unstructured masks still apply inside the active channels
+        sparse = {k: (rng.random(m.shape) < 0.8).astype(np.float32) for k, m in structured.masks().items()}
+        structured.set_masks(sparse)
+        dense.set_parameters(structured.parameters())
+        dense.set_masks({k: m * sparse[k] for k, m in _dense_masks(dense, structured._gathers, index).items()})
         _compare(structured, dense, rng)
 
 
@@ -233,3 +236,19 @@ def test_planning_leaves_the_model_and_its_batchnorm_statistics_alone():
     plan_channels(model, torch.randn(4, *IN_SHAPE))
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_manifest_refuses_a_gather_that_does_not_fit_its_set(pair):
+    import json
+
+    from edgecl.runtime.manifest_schema import check_manifest_dict
+
+    s_dir, _ = pair("cnn-s2")
+    d = json.loads((s_dir / "manifest.json").read_text())
+    check_manifest_dict(d, "ok")
+    d["extra"]["channels"]["gathers"]["6.weight"][2] = 5  # 32 channels x 5 columns is not 6.weight's 128
+    with pytest.raises(ArtifactError, match=r"extra.channels.gathers\['6.weight'\]"):
+        check_manifest_dict(d, "edited")
+    d["extra"]["channels"]["gathers"]["6.weight"] = ["6", "nope", 4]
+    with pytest.raises(ArtifactError, match="sets among"):
+        check_manifest_dict(d, "edited")
