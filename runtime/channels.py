@@ -55,7 +55,13 @@ def check_channels(values, sets: Mapping[str, int]) -> dict[str, np.ndarray]:
     return out
 
 
-def _axes(g: Gather, index: Mapping[str, np.ndarray]):
+def narrowing(index: Mapping[str, np.ndarray], sets: Mapping[str, int]) -> dict[str, np.ndarray | None]:
+    """`index` with every set that has all its channels active as None (nothing to gather): checked
+    indices are strictly increasing and in range, so all of them are exactly arange(size)."""
+    return {s: None if len(v) == sets[s] else v for s, v in index.items()}
+
+
+def _axes(g: Gather, index: Mapping[str, np.ndarray | None]):
     rows, cols, repeat = g
     r = None if rows is None else index[rows]
     c = None if cols is None else index[cols]
@@ -65,24 +71,25 @@ def _axes(g: Gather, index: Mapping[str, np.ndarray]):
 
 
 def take(full: np.ndarray, g: Gather | None, index: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The compact part of `full` that gather `g` selects (a copy), or `full` itself when g is None."""
-    if g is None:
+    """The compact part of `full` that gather `g` selects (a copy), or `full` itself when it selects all."""
+    r, c = (None, None) if g is None else _axes(g, index)
+    if r is None and c is None:
         return full
-    r, c = _axes(g, index)
     if r is not None and c is not None:
-        return full[np.ix_(r, c)]
+        return full[r][:, c]  # 4x faster than full[np.ix_(r, c)] on (64, 1568) float32
     return full[r] if c is None else full[:, c]
 
 
 def put(full: np.ndarray, compact: np.ndarray, g: Gather | None, index: Mapping[str, np.ndarray]) -> None:
     """Write `compact` back into the entries of `full` that gather `g` selects (in place)."""
-    if g is None:
+    r, c = (None, None) if g is None else _axes(g, index)
+    if r is None and c is None:
         if compact is not full:
             full[...] = compact
-        return
-    r, c = _axes(g, index)
-    if r is not None and c is not None:
-        full[np.ix_(r, c)] = compact
+    elif r is not None and c is not None:  # through a copy of the rows: 3x faster than full[np.ix_(r, c)] = ...
+        rows = full[r]
+        rows[:, c] = compact
+        full[r] = rows
     elif c is None:
         full[r] = compact
     else:
@@ -91,8 +98,10 @@ def put(full: np.ndarray, compact: np.ndarray, g: Gather | None, index: Mapping[
 
 def widen(compact: np.ndarray, shape, g: Gather | None, index: Mapping[str, np.ndarray],
           fill: np.ndarray | None = None) -> np.ndarray:
-    """A full array of `shape`: `fill` (a copy) or zeros, with `compact` in the gathered entries."""
-    if g is None:
+    """A full array of `shape`: `fill` (a copy) or zeros, with `compact` in the gathered entries
+    (`compact` itself when `g` selects everything)."""
+    r, c = (None, None) if g is None else _axes(g, index)
+    if r is None and c is None:
         return compact
     full = np.zeros(shape, compact.dtype) if fill is None else fill.copy()
     put(full, compact, g, index)
@@ -100,7 +109,8 @@ def widen(compact: np.ndarray, shape, g: Gather | None, index: Mapping[str, np.n
 
 
 def compact_step(optimizer, params: dict[str, np.ndarray], grads: dict[str, np.ndarray],
-                 gathers: Mapping[str, Gather], index: Mapping[str, np.ndarray]) -> None:
+                 gathers: Mapping[str, Gather], index: Mapping[str, np.ndarray],
+                 compact_grads: Mapping[str, np.ndarray] | None = None) -> None:
     """One optimizer step on the active entries of `params` only (in place).
 
     The parameters, gradients and optimizer slots of gathered tensors are narrowed, stepped, and
@@ -110,9 +120,13 @@ def compact_step(optimizer, params: dict[str, np.ndarray], grads: dict[str, np.n
 
     Args:
         optimizer: an `edgecl.runtime.optim.NumpyOptimizer`. grads: full-size gradients.
+        compact_grads: the compact form of some of `grads` where it is at hand (the step graph's
+            outputs), so they are not gathered again.
     """
+    compact_grads = compact_grads or {}
     sub_params = {n: take(params[n], gathers.get(n), index) for n in grads}
-    sub_grads = {n: take(g, gathers.get(n), index) for n, g in grads.items()}
+    sub_grads = {n: compact_grads[n] if n in compact_grads else take(g, gathers.get(n), index)
+                 for n, g in grads.items()}
     full_state = optimizer.state
     optimizer.state = {n: {s: take(v, gathers.get(n), index) if isinstance(v, np.ndarray) else v
                            for s, v in slots.items()} for n, slots in full_state.items() if n in grads}

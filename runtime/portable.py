@@ -55,7 +55,16 @@ class PortableEngine(Engine):
         self.channel_sets: dict[str, int] = dict(plan["sets"])
         self._gathers = {n: tuple(g) for n, g in plan["gathers"].items()}
         self._channels = {s: np.arange(size, dtype=np.int64) for s, size in self.channel_sets.items()}
+        self._compact_grads: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._apply_masks()
+
+    def loss_and_grads(self, x, y, sample_weight=None, target_logits=None, logit_weight=None):
+        out = super().loss_and_grads(x, y, sample_weight, target_logits, logit_weight)
+        # the caller holds these gradients and may change them in place before apply_gradients
+        self._compact_grads = {}
+        return out
+
+    loss_and_grads.__doc__ = Engine.loss_and_grads.__doc__
 
     def set_channels(self, channels: dict[str, np.ndarray]) -> None:
         """Make these output channels the active ones of some channel sets (the others keep theirs).
@@ -89,8 +98,10 @@ class PortableEngine(Engine):
         feed = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight,
                 "target_logits": batch.target_logits, "logit_weight": batch.logit_weight, **self._state_feed()}
         outs = dict(zip(self._step_outputs, self._step.run(self._step_outputs, feed)))
-        g, index = self._gathers, self._channels
+        g, index = self._gathers, ch.narrowing(self._channels, self.channel_sets)
         grads = {n: ch.widen(outs[f"grad::{n}"], shape, g.get(n), index) for n, shape in self.trainable_shapes.items()}
+        # the optimizer steps the compact gradients; kept for gradients that come back unchanged (by identity)
+        self._compact_grads = {n: (grads[n], outs[f"grad::{n}"]) for n in grads if grads[n] is not outs[f"grad::{n}"]}
         buffers = {n: ch.widen(outs[f"buffer_out::{n}"], v.shape, g.get(n), index, fill=v)
                    for n, v in self._buffers.items()}
         return StepOutputs(float(outs["loss"]), outs["logits"], grads, buffers)
@@ -100,7 +111,10 @@ class PortableEngine(Engine):
 
     def _apply_gradients(self, grads):
         if self._gathers:
-            ch.compact_step(self._optimizer, self._params, grads, self._gathers, self._channels)
+            compact = {n: c for n, (full, c) in self._compact_grads.items() if grads.get(n) is full}
+            self._compact_grads = {}
+            ch.compact_step(self._optimizer, self._params, grads, self._gathers,
+                            ch.narrowing(self._channels, self.channel_sets), compact)
         else:
             self._optimizer.step(self._params, grads)
         self._apply_masks(grads.keys() & self._masks.keys())

@@ -252,3 +252,18 @@ def test_manifest_refuses_a_gather_that_does_not_fit_its_set(pair):
     d["extra"]["channels"]["gathers"]["6.weight"] = ["6", "nope", 4]
     with pytest.raises(ArtifactError, match="sets among"):
         check_manifest_dict(d, "edited")
+
+
+def test_apply_gradients_steps_the_gradients_given_even_if_changed_in_place(pair, rng):
+    s_dir, _ = pair("cnn-s2")
+    eng = open_engine(s_dir, OptimizerConfig("sgd", lr=0.1))
+    eng.set_channels(_subset(rng, eng.channel_sets, 0.5))
+    before = eng.parameters()
+    _, grads = eng.loss_and_grads(*batch(rng))
+    for g in grads.values():
+        g *= 0.0  # as a gradient mask applied in place would
+    eng.apply_gradients(grads)
+    for k, v in eng.parameters().items():
+        assert np.array_equal(v, before[k]), k
+    eng.step(*batch(rng))  # while step() itself moves them
+    assert not np.array_equal(eng.parameters()["2.weight"], before["2.weight"])
