@@ -26,7 +26,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgecl.runtime.errors import UnsupportedModelError
 
-PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
+# (not AvgPool2d: its backward is a Conv with one group per channel, and ONNX's group count is an attribute)
+PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
 ADDS = (operator.add, torch.add)
 _FULL = "<full>"  # the union-find root of everything that must keep all its channels
 

@@ -22,7 +22,21 @@ from tests.helpers import IN_SHAPE, batch, make_model, rel_err
 TOL = 1e-4
 SGD = OptimizerConfig("sgd", lr=0.05, momentum=0.9, weight_decay=1e-3)
 # conv + linear after Flatten (cnn-s2), residual adds + BatchNorm (resnet), depthwise + BatchNorm (mobilenet)
-STRUCTURED = ("cnn-s2", "resnet", "mobilenet", "mlp")
+STRUCTURED = ("cnn-s2", "resnet", "mobilenet", "mlp", "resnet-28x28")
+
+
+# a stride-2 layer over 196 output pixels: conv_grads would pick the im2col whose Conv has a group per channel
+WIDE_INPUT = {"resnet-28x28": ("resnet", (1, 28, 28), {"width": 8, "blocks": (1, 1)})}
+
+
+def _model(name):
+    from edgecl.exporters.models import build_model
+    from tests.helpers import perturb_batchnorm
+
+    if name not in WIDE_INPUT:
+        return make_model(name), IN_SHAPE
+    family, shape, kw = WIDE_INPUT[name]
+    return perturb_batchnorm(build_model(family, in_shape=shape, num_classes=10, **kw)), shape
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +47,10 @@ def pair(tmp_path_factory):
     def get(name):
         if name not in cache:
             root = tmp_path_factory.mktemp(f"structured-{name}")
-            x = torch.randn(4, *IN_SHAPE)
-            export(make_model(name), x, root / "structured", structure="channel", masks="weights")
-            export(make_model(name), x, root / "dense", masks="weights")
+            model, shape = _model(name)
+            x = torch.randn(4, *shape)
+            export(model, x, root / "structured", structure="channel", masks="weights")
+            export(model, x, root / "dense", masks="weights")
             cache[name] = (root / "structured", root / "dense")
         return cache[name]
 
@@ -60,9 +75,14 @@ def _dense_masks(eng, gathers, index):
     return masks
 
 
+def _batch(rng, n, shape):
+    return rng.standard_normal((n, *shape), dtype=np.float32), rng.integers(0, 10, n)
+
+
 def _compare(structured, dense, rng, n=7):
     gathers, index = structured._gathers, structured.channels()
-    x, y = batch(rng, n)
+    shape = structured.manifest.input_shape
+    x, y = _batch(rng, n, shape)
     w = rng.random(n).astype(np.float32)
     t = rng.standard_normal((n, 10)).astype(np.float32)
     v = rng.random(n).astype(np.float32)
@@ -79,7 +99,7 @@ def _compare(structured, dense, rng, n=7):
     buffers, ref_buffers = structured.buffers(), dense.buffers()
     for k, b in ref_buffers.items():
         assert rel_err(take(buffers[k], gathers.get(k), index), take(b, gathers.get(k), index)) <= TOL, k
-    x, _ = batch(rng, 5)
+    x, _ = _batch(rng, 5, shape)
     assert rel_err(structured.evaluate(x), dense.evaluate(x)) <= TOL
 
 
@@ -107,7 +127,7 @@ def test_structured_gradients_equal_dense_masked_ones_on_the_active_channels(pai
 def test_full_channel_sets_give_the_dense_graphs_results(pair, rng, name):
     s_dir, d_dir = pair(name)
     structured, dense = open_engine(s_dir, SGD, threads=2), open_engine(d_dir, SGD, threads=2)
-    x, y = batch(rng, 9)
+    x, y = _batch(rng, 9, structured.manifest.input_shape)
     loss, grads = structured.loss_and_grads(x, y)
     ref_loss, ref_grads = dense.loss_and_grads(x, y)
     assert rel_err(loss, ref_loss) <= TOL
@@ -227,6 +247,10 @@ def test_export_refuses_what_structure_channel_cannot_do_before_writing(tmp_path
                                   torch.nn.Linear(64, 10))
     with pytest.raises(UnsupportedModelError, match="grouped Conv2d"):
         export(grouped, x, tmp_path / "c", structure="channel")
+    pooled = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AvgPool2d(2), torch.nn.Flatten(),
+                                 torch.nn.Linear(36, 10))
+    with pytest.raises(UnsupportedModelError, match="layer '1' is AvgPool2d; accepted: Conv2d, Linear"):
+        export(pooled, x, tmp_path / "d", structure="channel")
     assert not any(tmp_path.iterdir())
 
 
