@@ -140,6 +140,9 @@ def plan_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelPlan:
                 if repeat != 1 and isinstance(m, nn.Conv2d):
                     raise UnsupportedModelError(f"layer {path!r}: a Conv2d after Flatten")
                 if is_depthwise(m):
+                    if m.padding_mode != "zeros":
+                        raise UnsupportedModelError(f"structure='channel': depthwise layer {path!r} pads with "
+                                                    f"{m.padding_mode!r}; accepted: zeros")
                     out = src
                     rule(f"{prefix}weight", src)
                 elif isinstance(m, nn.Conv2d) and m.groups != 1:
