@@ -85,12 +85,12 @@ class _Sets:
         if ra == rb:
             return ra
         if _FULL not in (ra, rb) and self.size[ra] != self.size[rb]:
-            raise UnsupportedModelError(f"{where} adds {self.size[ra]} to {self.size[rb]} channels")
+            raise UnsupportedModelError(f"structure='channel': {where} adds {self.size[ra]} to {self.size[rb]} "
+                                        "channels; accepted: adds of equal channel counts")
         if rb == _FULL or (ra != _FULL and self.order.index(rb) < self.order.index(ra)):
             ra, rb = rb, ra
         self.parent[rb] = ra  # the full root, else the earlier set, names the class
         return ra
-        return keep
 
 
 def plan_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelPlan:
