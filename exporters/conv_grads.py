@@ -77,6 +77,13 @@ def forced(grad_input: str | None = None, grad_weight: str | None = None):
         _forced.update(before)
 
 
+def static_channels(cin) -> bool:
+    """A channel count fixed at export. In the channel-structured graph (`structured`) channel
+    counts are symbols, and a formulation whose Conv has one group per input channel cannot run
+    there: ONNX takes the group count as an attribute."""
+    return isinstance(cin, int)
+
+
 def _is_depthwise(weight_shape, groups) -> bool:
     return groups > 1 and weight_shape[1] == 1 and weight_shape[0] == groups
 
@@ -110,7 +117,9 @@ def grad_weight_applies(name, weight_shape, stride, padding, dilation, groups) -
         return kh == kw == 1 and not any(padding)
     if name == "depthwise_rows":
         return _is_depthwise(weight_shape, groups)
-    if name in ("shifted_per_sample", "im2col_per_sample"):
+    if name == "im2col_per_sample":
+        return groups == 1 and static_channels(weight_shape[1])
+    if name == "shifted_per_sample":
         return groups == 1
     return name in ("grouped_conv", "shifted")
 
@@ -142,7 +151,7 @@ def grad_weight_formulation(in_hw, weight_shape, stride, padding, dilation, grou
         return "shifted_per_sample" if dense and many_pixels else "pointwise"
     if _is_depthwise(weight_shape, groups):
         return "depthwise_rows" if tuple(stride) == (1, 1) else "grouped_conv"
-    if dense and (cin_g * kh * kw <= 32 or (many_pixels and tuple(stride) != (1, 1))):
+    if dense and static_channels(cin_g) and (cin_g * kh * kw <= 32 or (many_pixels and tuple(stride) != (1, 1))):
         return "im2col_per_sample"
     if dense and many_pixels:
         return "shifted_per_sample"

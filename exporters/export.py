@@ -30,7 +30,9 @@ from .ort_training import write_ort_training
 from .out_folder import check_out_dir, discard, make_temp_folder, move_into_place
 from .portable import write_portable
 from .quiet import quiet_onnx_export
+from .channel_plan import plan_channels
 from .spec import check_logits, check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
+from .structured import write_structured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,8 @@ def export_inference(model: nn.Module, example_input: torch.Tensor, path: Path, 
 
 
 def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str = "portable", masks=None,
-           trainable=None, dropout: bool = False, opset: int = OPSET, overwrite: bool = True) -> ArtifactSet:
+           trainable=None, dropout: bool = False, opset: int = OPSET, overwrite: bool = True,
+           structure: str | None = None) -> ArtifactSet:
     """Export a torch model to training artifacts for one engine.
 
     Args:
@@ -110,6 +113,9 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
             get no gradient output.
         dropout: keep Dropout active in the training graph (off by default).
         opset: ONNX opset of the graphs (<= 21).
+        structure: None, or "channel" (portable engine only): the graphs take the active output
+            channels of each channel set as int64 inputs and compute on the narrower tensors
+            (`edgecl.exporters.structured`); the engine sets them with `set_channels`.
     Returns:
         ArtifactSet with the folder and its manifest (files and their sha256).
     Raises:
@@ -128,11 +134,18 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
                          "every dimension >= 1")
     if not 13 <= opset <= 21:
         raise ValueError(f"opset={opset}; accepted: 13..21")
+    if structure not in (None, "channel"):
+        raise ValueError(f"structure={structure!r}; accepted: None, 'channel'")
+    if structure is not None and engine != "portable":
+        raise ValueError(f"structure={structure!r} with engine={engine!r}; accepted: structure='channel' with "
+                         "engine='portable' (ort-training's graphs have no channel inputs yet)")
     target = check_out_dir(out_dir, overwrite)  # before any work: a refused folder costs nothing
     check_supported(model)
     model = _copy_for_export(model)
     check_ops(_copy_for_export(model), example_input)  # a copy: a training forward moves BN statistics
     num_classes = check_logits(model, example_input)
+    if structure == "channel":
+        plan_channels(model, example_input)  # a model it cannot follow is refused before any file is written
     mask_arrays = resolve_masks(model, masks)
     trainable_names = resolve_trainable(model, trainable)
     params, buffers = tensor_specs(model, mask_arrays, trainable_names)
@@ -143,7 +156,8 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
         target = check_out_dir(out_dir, overwrite)  # again, now that no other export can change it
         tmp = make_temp_folder(target)
         try:
-            writer = write_portable if engine == "portable" else write_ort_training
+            writer = write_structured if structure == "channel" else \
+                write_portable if engine == "portable" else write_ort_training
             files, extra = writer(model, example_input, tmp, params, buffers, mask_arrays, opset=opset, dropout=dropout)
             # for FLOPs counting and the memory budget on the device, which has no torch
             extra = {**extra, "layers": layer_table(model, example_input),

@@ -145,20 +145,24 @@ def _rename_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str], di
     return proto
 
 
-def _trace(make_fn, args, n_batch_args: int, opset: int) -> tuple[torch.fx.GraphModule, str]:
+def _trace(make_fn, args, n_batch_args: int, opset: int, channel_args=()) -> tuple[torch.fx.GraphModule, list[str]]:
     """make_fx of `make_fn(functional=False)` with only the batch dimension of the first
-    `n_batch_args` inputs symbolic.
+    `n_batch_args` inputs symbolic, and the length of the 1-D inputs at positions `channel_args`
+    (the structured graph's channel indices; their examples must have distinct lengths >= 2, or
+    the trace would take two of them, or a length and the batch size, for one symbol).
 
     (tracing_mode="symbolic" makes every dimension of every parameter symbolic too, and
     is 5-10x slower for the same graph.) A graph that mutates a tensor (a user's in-place
     `out += x`) is traced once more from `make_fn(functional=True)`.
 
     Returns:
-        (graph, the name of the batch-size symbol in it).
+        (graph, the names of its symbols: the batch size's, then one per `channel_args` entry).
     """
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
 
     def fake(i, a):
+        if i in channel_args:
+            return mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC]))
         if i >= n_batch_args:  # no symbols at all: a symbol per static dimension cost 1 s on ResNet-18
             return mode.from_tensor(a, static_shapes=True)
         dims = [DimDynamic.DYNAMIC if d == 0 else DimDynamic.STATIC for d in range(a.ndim)]
@@ -170,14 +174,19 @@ def _trace(make_fn, args, n_batch_args: int, opset: int) -> tuple[torch.fx.Graph
         traced = make_fx(make_fn(functional=False), decomposition_table=table, tracing_mode="real")(*fake_args)
         if not is_functional(traced):
             traced = make_fx(make_fn(functional=True), decomposition_table=table, tracing_mode="real")(*fake_args)
-    return traced, str(fake_args[0].shape[0])
+    return traced, [str(fake_args[i].shape[0]) for i in (0, *channel_args)]
 
 
-def _export_graph(make_fn, args, n_batch_args: int, input_names, output_names, path: Path, opset: int) -> None:
+def _export_graph(make_fn, args, n_batch_args: int, input_names, output_names, path: Path, opset: int,
+                  channel_args: dict[int, str] | None = None) -> None:
+    """Trace, translate and save one graph; `channel_args`: position of a channel-index input -> the
+    name its length gets in the graph."""
+    channel_args = channel_args or {}
     with quiet_onnx_export():
-        traced, batch_symbol = _trace(make_fn, args, n_batch_args, opset)
+        traced, symbols = _trace(make_fn, args, n_batch_args, opset, tuple(channel_args))
         proto = to_onnx(traced, opset)
-    save_onnx(_rename_io(proto, list(input_names), list(output_names), {batch_symbol: "N"}), path)
+    dims = dict(zip(symbols, ["N", *channel_args.values()]))
+    save_onnx(_rename_io(proto, list(input_names), list(output_names), dims), path)
 
 
 def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, params: tuple[TensorSpec, ...],

@@ -58,7 +58,9 @@ def batch_norm_train_onnx(x, weight, bias, eps: float):
     outputs are the batch statistics (ones / zeros stand in for absent affine parameters)."""
     from onnxscript import opset18 as op
 
-    channels = op.Constant(value_ints=[x.shape[1]])  # static: ONNX Runtime folds the constants below
+    # static: ONNX Runtime folds the constants below; symbolic in the structured graph (channel sets)
+    c = x.shape[1]
+    channels = op.Constant(value_ints=[c]) if isinstance(c, int) else op.Shape(x, start=1, end=2)
 
     def full(value):
         return op.CastLike(op.Expand(op.Constant(value_float=value), channels), x)

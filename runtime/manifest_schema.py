@@ -202,12 +202,36 @@ def _check_portable_extra(f: _Fields, extra: Mapping, params: list[dict], buffer
     for key in ("step_inputs", "step_outputs", "forward_inputs"):
         if key not in extra:
             f.fail("extra", sorted(extra), f"an object with {key!r} (the portable graphs' inputs and outputs)")
+    if "channels" in extra:  # a channel-structured export: one index input per channel set
+        state += [f"channels::{s}" for s in _check_channels(f, extra["channels"], params, buffers)]
     # The engine feeds and reads the step graph by these names: they must follow the parameter table.
     f.equal("extra.step_inputs", extra["step_inputs"], [*BATCH_INPUTS, *state])
     f.equal("extra.step_outputs", extra["step_outputs"],
             ["loss", "logits", *(f"grad::{p['name']}" for p in params if p["trainable"]),
              *(f"buffer_out::{b['name']}" for b in buffers)])
     f.equal("extra.forward_inputs", extra["forward_inputs"], ["x", *state])
+
+
+def _check_channels(f: _Fields, channels, params: list[dict], buffers: list[dict]) -> list[str]:
+    """extra.channels: {"sets": {name: channels}, "gathers": {tensor: [rows set|null, cols set|null, repeat]}},
+    each gathered axis as long as its set (times repeat); returns the set names in order."""
+    channels = f.mapping("extra.channels", channels, {"sets", "gathers"})
+    sets = f.mapping("extra.channels.sets", channels["sets"])
+    for name, size in sets.items():
+        f.integer(f"extra.channels.sets[{name!r}]", size, 1)
+    shapes = {t["name"]: t["shape"] for t in (*params, *buffers)}
+    for name, g in f.mapping("extra.channels.gathers", channels["gathers"]).items():
+        at = f"extra.channels.gathers[{name!r}]"
+        if name not in shapes:
+            f.fail(at, name, "the name of a parameter or buffer")
+        if not (isinstance(g, list) and len(g) == 3 and all(s is None or s in sets for s in g[:2])):
+            f.fail(at, g, f"[rows set or null, columns set or null, repeat], sets among {sorted(sets)}")
+        repeat = f.integer(f"{at}[2]", g[2], 1)
+        for axis, s in enumerate(g[:2]):
+            want = None if s is None else sets[s] * (repeat if axis == 1 else 1)
+            if want is not None and (len(shapes[name]) <= axis or shapes[name][axis] != want):
+                f.fail(at, g, f"axes as long as their sets: {name!r} has shape {shapes[name]}")
+    return list(sets)
 
 
 ORT_EXTRA = ("train_inputs", "train_outputs", "eval_inputs", "eval_outputs", "param_graph_names", "mask_graph_names",
