@@ -19,6 +19,7 @@ Graph outputs: loss, logits, grad::<name>... (trainable only), buffer_out::<name
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -189,17 +190,28 @@ def _export_graph(make_fn, args, n_batch_args: int, input_names, output_names, p
     save_onnx(_rename_io(proto, list(input_names), list(output_names), dims), path)
 
 
-def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, params: tuple[TensorSpec, ...],
-                   buffers: tuple[TensorSpec, ...], masks: dict[str, np.ndarray], opset: int, dropout: bool):
-    """Write `step.onnx` and `forward.onnx` into `folder`.
+@dataclasses.dataclass(frozen=True)
+class TraceInputs:
+    """What the step and forward graphs are traced with (`trace_inputs`), shared by both writers.
 
-    Returns:
-        (file names written, manifest `extra` with the graphs' input and output names).
+    x: the example batch (2-4 samples); batch_args: x and the loss inputs of BATCH_INPUTS for it;
+    state_args / state_inputs: clones of the parameters, the masks and the buffers, and their graph
+    input names; step_outputs: loss, logits, one gradient per trainable parameter, the new buffers.
     """
+
+    mask_names: list
+    x: torch.Tensor
+    batch_args: list
+    state_args: list
+    state_inputs: list
+    step_outputs: list
+
+
+def trace_inputs(model: nn.Module, example_input: torch.Tensor, params: tuple[TensorSpec, ...],
+                 buffers: tuple[TensorSpec, ...], masks: dict[str, np.ndarray]) -> TraceInputs:
+    """The example inputs of the graphs' traces (the model ends in train mode)."""
     mask_names = [p.name for p in params if p.masked]
-    trainable = [p.name for p in params if p.trainable]
-    named_params = dict(model.named_parameters())
-    named_buffers = dict(model.named_buffers())
+    named_params, named_buffers = dict(model.named_parameters()), dict(model.named_buffers())
     x = example_input[: max(2, min(4, len(example_input)))].clone()
     if len(x) < 2:
         x = torch.cat([x, x])
@@ -207,25 +219,37 @@ def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, 
     with torch.no_grad():
         k = int(model.eval()(x).shape[1])
     model.train()
-    p_args = [named_params[p.name].detach().clone() for p in params]
-    m_args = [torch.from_numpy(masks[name]) for name in mask_names]
-    b_args = [named_buffers[b.name].detach().clone() for b in buffers]
+    state_args = ([named_params[p.name].detach().clone() for p in params]
+                  + [torch.from_numpy(masks[name]) for name in mask_names]
+                  + [named_buffers[b.name].detach().clone() for b in buffers])
     state_inputs = ([f"param::{p.name}" for p in params] + [f"mask::{m}" for m in mask_names]
                     + [f"buffer::{b.name}" for b in buffers])
+    batch_args = [x, torch.zeros(n, dtype=torch.int64), torch.full((n,), 1.0 / n), torch.zeros(n, k), torch.zeros(n)]
+    step_outputs = (["loss", "logits"] + [f"grad::{p.name}" for p in params if p.trainable]
+                    + [f"buffer_out::{b.name}" for b in buffers])
+    return TraceInputs(mask_names, x, batch_args, state_args, state_inputs, step_outputs)
 
+
+def write_portable(model: nn.Module, example_input: torch.Tensor, folder: Path, params: tuple[TensorSpec, ...],
+                   buffers: tuple[TensorSpec, ...], masks: dict[str, np.ndarray], opset: int, dropout: bool):
+    """Write `step.onnx` and `forward.onnx` into `folder`.
+
+    Returns:
+        (file names written, manifest `extra` with the graphs' input and output names).
+    """
+    t = trace_inputs(model, example_input, params, buffers, masks)
+    mask_names = t.mask_names
     train_model, bns = _training_copy(model, dropout)
     step_fn = functools.partial(_make_step_fn, train_model, bns, params, buffers, mask_names)
-    batch_args = [x, torch.zeros(n, dtype=torch.int64), torch.full((n,), 1.0 / n), torch.zeros(n, k), torch.zeros(n)]
-    step_inputs = list(BATCH_INPUTS) + state_inputs
-    step_outputs = ["loss", "logits"] + [f"grad::{t}" for t in trainable] + [f"buffer_out::{b.name}" for b in buffers]
-    _export_graph(step_fn, batch_args + p_args + m_args + b_args, len(BATCH_INPUTS), step_inputs, step_outputs,
+    step_inputs = list(BATCH_INPUTS) + t.state_inputs
+    _export_graph(step_fn, t.batch_args + t.state_args, len(BATCH_INPUTS), step_inputs, t.step_outputs,
                   folder / "step.onnx", opset)
 
     eval_model = copy.deepcopy(model).eval()
     forward_fn = functools.partial(_make_forward_fn, eval_model, params, buffers, mask_names)
-    forward_inputs = ["x"] + state_inputs
-    _export_graph(forward_fn, [x] + p_args + m_args + b_args, 1, forward_inputs, ["logits"],
+    forward_inputs = ["x"] + t.state_inputs
+    _export_graph(forward_fn, [t.x] + t.state_args, 1, forward_inputs, ["logits"],
                   folder / "forward.onnx", opset)
-    extra = {"step_inputs": step_inputs, "step_outputs": step_outputs, "forward_inputs": forward_inputs,
+    extra = {"step_inputs": step_inputs, "step_outputs": t.step_outputs, "forward_inputs": forward_inputs,
              "dropout": dropout}
     return ["step.onnx", "forward.onnx"], extra

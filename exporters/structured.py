@@ -36,7 +36,7 @@ from torch import nn
 from edgecl.runtime.manifest import TensorSpec
 
 from .channel_plan import ChannelPlan, Gather, is_depthwise, plan_channels
-from .portable import BATCH_INPUTS, _export_graph, _training_copy, weighted_loss
+from .portable import BATCH_INPUTS, _export_graph, _training_copy, trace_inputs, weighted_loss
 
 
 class _DepthwiseFullWidth(nn.Module):
@@ -184,30 +184,15 @@ def write_structured(model: nn.Module, example_input: torch.Tensor, folder: Path
         UnsupportedModelError: a model the channel structure cannot follow (`plan_channels`).
     """
     plan = plan_channels(model, example_input)
-    mask_names = [p.name for p in params if p.masked]
-    trainable = [p.name for p in params if p.trainable]
-    named_params, named_buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    x = example_input[: max(2, min(4, len(example_input)))].clone()
-    if len(x) < 2:
-        x = torch.cat([x, x])
-    n = len(x)
-    with torch.no_grad():
-        k = int(model.eval()(x).shape[1])
-    model.train()
-    p_args = [named_params[p.name].detach().clone() for p in params]
-    m_args = [torch.from_numpy(masks[name]) for name in mask_names]
-    b_args = [named_buffers[b.name].detach().clone() for b in buffers]
-    i_args = [torch.arange(length, dtype=torch.int64) for length in example_lengths(plan, n).values()]
-    channel_inputs = [f"channels::{s}" for s in plan.sets]
-    state_inputs = ([f"param::{p.name}" for p in params] + [f"mask::{m}" for m in mask_names]
-                    + [f"buffer::{b.name}" for b in buffers] + channel_inputs)
+    t = trace_inputs(model, example_input, params, buffers, masks)
+    mask_names, step_outputs = t.mask_names, t.step_outputs
+    i_args = [torch.arange(length, dtype=torch.int64) for length in example_lengths(plan, len(t.x)).values()]
+    state_inputs = t.state_inputs + [f"channels::{s}" for s in plan.sets]
 
     train_model, bns = _training_copy(model, dropout)
     step_fn = functools.partial(_make_step_fn, train_model, bns, params, buffers, mask_names, plan)
-    batch_args = [x, torch.zeros(n, dtype=torch.int64), torch.full((n,), 1.0 / n), torch.zeros(n, k), torch.zeros(n)]
     step_inputs = list(BATCH_INPUTS) + state_inputs
-    step_outputs = ["loss", "logits"] + [f"grad::{t}" for t in trainable] + [f"buffer_out::{b.name}" for b in buffers]
-    args = batch_args + p_args + m_args + b_args + i_args
+    args = t.batch_args + t.state_args + i_args
     first = len(args) - len(i_args)
     _export_graph(step_fn, args, len(BATCH_INPUTS), step_inputs, step_outputs, folder / "step.onnx", opset,
                   {first + i: f"k_{s}" for i, s in enumerate(plan.sets)})
@@ -215,7 +200,7 @@ def write_structured(model: nn.Module, example_input: torch.Tensor, folder: Path
     eval_model = copy.deepcopy(model).eval()
     forward_fn = functools.partial(_make_forward_fn, eval_model, params, buffers, mask_names, plan)
     forward_inputs = ["x"] + state_inputs
-    args = [x] + p_args + m_args + b_args + i_args
+    args = [t.x] + t.state_args + i_args
     first = len(args) - len(i_args)
     _export_graph(forward_fn, args, 1, forward_inputs, ["logits"], folder / "forward.onnx", opset,
                   {first + i: f"k_{s}" for i, s in enumerate(plan.sets)})
