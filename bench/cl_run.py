@@ -28,6 +28,7 @@ DATASETS = ("digits", "fashion-mnist")
 # Digits has ~290 training examples a task (9 batches an epoch): more epochs and a larger step.
 DATA_DEFAULTS = {"digits": {"epochs": 20, "lr": 0.1}, "fashion-mnist": {"epochs": 5, "lr": 0.03}}
 ENGINES = ("portable", "ort-training", "torch")
+WIDTH_MODELS = ("cnn", "cnn-s2", "resnet", "resnet18", "mobilenet")  # the families with a `width` argument
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,7 @@ class JobConfig(LearnerSpec):
     model: str = "cnn"
     engine: str = "portable"
     nudge_ulp: bool = False  # a diagnostic: one stem weight moved by one ulp before training (see bench drift)
+    width: int | None = None  # the model family's width (None: its default), e.g. a narrower dense baseline
 
     def __post_init__(self):
         if self.data not in DATASETS:
@@ -50,6 +52,15 @@ class JobConfig(LearnerSpec):
             raise ValueError(f"engine={self.engine!r}; accepted: {', '.join(ENGINES)}")
         if self.model not in MODEL_NAMES:
             raise ValueError(f"model={self.model!r}; accepted: {', '.join(MODEL_NAMES)}")
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
+                                       or self.width < 1):
+            raise ValueError(f"width={self.width!r}; accepted: an integer >= 1, or None (the model's default)")
+        if self.width is not None and self.model not in WIDTH_MODELS:
+            raise ValueError(f"width={self.width} with model={self.model!r}; accepted: a width with one of "
+                             f"{', '.join(WIDTH_MODELS)}")
+        if self.structure == "channel" and self.engine != "portable":
+            raise ValueError(f"structure='channel' with engine={self.engine!r}; accepted: engine='portable' (the "
+                             "channel-structured step graph is a portable one)")
         if not isinstance(self.nudge_ulp, bool):
             raise ValueError(f"nudge_ulp={self.nudge_ulp!r}; accepted: True or False")
         super().__post_init__()
@@ -72,17 +83,21 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
     from edgecl.exporters import build_model, export
     from edgecl.exporters.export import exporter_fingerprint
 
-    model = build_model(job.model, scenario.input_shape, scenario.num_classes, seed=job.seed)
+    kwargs = {} if job.width is None else {"width": job.width}
+    model = build_model(job.model, scenario.input_shape, scenario.num_classes, seed=job.seed, **kwargs)
     engine = "portable" if job.engine == "torch" else job.engine
+    structure = "channel" if job.structure == "channel" else None
     # the exporter's fingerprint too: after an exporter change (or a new torch/onnx) the cache re-exports
     key = hashlib.sha256(json.dumps([job.model, scenario.input_shape, scenario.num_classes, job.seed, engine,
-                                     exporter_fingerprint()]).encode())
+                                     exporter_fingerprint()] + ([job.width, structure] if job.width or structure
+                                                                else [])).encode())
     folder = out_dir / "artifacts" / f"{job.model}-{engine}-{key.hexdigest()[:10]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     # runs side by side (bench run) wait for the one exporting, then use its artifacts; export's own lock re-enters
     with folder_lock(folder, wait=True, what="artifact cache folder"):
         if not (folder / "manifest.json").exists():
-            export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine, masks="weights")
+            export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine,
+                   masks=None if structure else "weights", structure=structure)
     return model, folder
 
 

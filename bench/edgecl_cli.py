@@ -64,8 +64,8 @@ def run_job_config(args):
     args.lr = defaults["lr"] if args.lr is None else args.lr
     return JobConfig(data=args.data, scenario=args.scenario, model=args.model, engine=args.engine, method=args.method,
                      sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
-                     ddr=not args.no_ddr, buffer=args.buffer, budget=args.budget, epochs=args.epochs,
-                     batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+                     ddr=not args.no_ddr, structure=args.structure, width=args.width, buffer=args.buffer,
+                     budget=args.budget, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
                      checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp)
 
 
@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tdm", action="store_true", help="ablation: fixed mask, no task-aware updates")
     p.add_argument("--no-dgm", action="store_true", help="ablation: dense gradients")
     p.add_argument("--no-ddr", action="store_true", help="ablation: keep all data")
+    p.add_argument("--structure", default="weight", choices=["weight", "channel"],
+                   help="SparCL's masks on weight entries (the paper's) or on whole output channels, computed on "
+                        "narrower tensors (portable engine); --sparsity is then the share of channels pruned")
+    p.add_argument("--width", type=int, default=None, help="the model's width (cnn, cnn-s2, resnet, resnet18, "
+                                                           "mobilenet; default: the family's)")
     p.add_argument("--buffer", type=int, default=None, help="replay buffer size in examples (default 500, or "
                    "what the --budget leaves)")
     p.add_argument("--budget", default=None, help="memory budget in bytes, e.g. 2MiB, 500KiB")

@@ -16,6 +16,7 @@ import numpy as np
 
 from .budget import MemoryPlan, parse_bytes, plan_memory
 from .buffer import ReplayBuffer, bytes_per_example
+from .channel_sparcl import STRUCTURES
 from .loop import RunConfig
 from .memory import MachineMemory, check_fits, machine_memory
 from .optim import MAX_LR, OptimizerConfig
@@ -29,7 +30,9 @@ class LearnerSpec:
 
     Args:
         method: finetune, joint, er or derpp. sparsity: SparCL weight sparsity, None for a
-            dense strategy. tdm / dgm / ddr: SparCL's three parts, each switchable.
+            dense strategy. tdm / dgm / ddr: SparCL's three parts, each switchable. structure:
+            "weight" (SparCL's masks on weight entries) or "channel" (whole output channels, on a
+            channel-structured export: `edgecl.runtime.channel_sparcl`).
         buffer: replay examples (None: what `budget` leaves). budget: memory budget in bytes or
             with a KiB/MiB/GiB suffix, e.g. "4MiB" (None: no plan).
         epochs (per task), batch_size, lr (SGD), seed, threads (ONNX Runtime intra-op; None:
@@ -47,6 +50,7 @@ class LearnerSpec:
     tdm: bool = True
     dgm: bool = True
     ddr: bool = True
+    structure: str = "weight"
     buffer: int | None = 500
     budget: str | None = None
     epochs: int = 5
@@ -64,6 +68,11 @@ class LearnerSpec:
             if self.sparsity is None and not getattr(self, name):
                 raise ValueError(f"{name}=False with sparsity=None: {name.upper()} is a part of SparCL, which a "
                                  "dense strategy does not run; accepted: a sparsity (SparCL) or tdm, dgm, ddr True")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure={self.structure!r}; accepted: {', '.join(STRUCTURES)}")
+        if self.structure != "weight" and self.sparsity is None:
+            raise ValueError(f"structure={self.structure!r} with sparsity=None: the structure is SparCL's, which a "
+                             "dense strategy does not run; accepted: a sparsity (SparCL), or structure='weight'")
         strategy = self.strategy()  # validates method and sparsity
         if self.sparsity is not None and not strategy.uses_buffer:
             raise ValueError(f"SparCL (sparsity={self.sparsity}) runs on er or derpp, not {self.method!r}; "
@@ -86,7 +95,8 @@ class LearnerSpec:
             raise ValueError(f"lr={self.lr!r}; accepted: > 0 and <= {MAX_LR:g} (SGD's learning rate)")
 
     def strategy(self) -> StrategyConfig:
-        sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr)
+        sparcl = None if self.sparsity is None else SparCLConfig(self.sparsity, self.tdm, self.dgm, self.ddr,
+                                                                    structure=self.structure)
         return StrategyConfig(self.method, replay_batch=self.batch_size, sparcl=sparcl)
 
     def run_config(self) -> RunConfig:

@@ -399,6 +399,9 @@ class DGM:
         """Drop the stored masks: the next `apply` recomputes them."""
         self.masks = {}
 
+    def _mask(self, name: str, g: np.ndarray) -> np.ndarray:
+        return gradient_topk_mask(g, self.density)
+
     def apply(self, step: int, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Masked copies of `grads`; masks are recomputed when step % every == 0 or none is stored.
 
@@ -416,7 +419,7 @@ class DGM:
         for name, g in grads.items():
             if self.names is None or name in self.names:
                 if recompute or name not in self.masks:
-                    self.masks[name] = gradient_topk_mask(g, self.density)
+                    self.masks[name] = self._mask(name, g)
                     self.recomputed = True
                 if self.masks[name].shape != np.shape(g):
                     raise ValueError(f"gradient {name!r} has shape {np.shape(g)}, its stored mask "

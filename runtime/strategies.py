@@ -3,7 +3,8 @@
 One class, `Learner`, reads top to bottom: `begin_task`, `observe` (one optimizer step on a
 stream batch plus replay), `begin_epoch` (SparCL's mask updates and data removal), and
 `end_task`. It composes an engine, a replay buffer, masks (TDM), gradient masks (DGM) and
-forgetting statistics (DDR); the math lives in `edgecl.runtime.sparcl`.
+forgetting statistics (DDR); the math lives in `edgecl.runtime.sparcl`, and on whole channels
+(`structure="channel"`) in `edgecl.runtime.channel_sparcl`.
 
 Losses (Buzzega et al., NeurIPS 2020, "Dark Experience for General Continual Learning"):
 - ER:    mean CE over the stream batch and a replayed batch, concatenated;
@@ -21,6 +22,7 @@ from enum import Enum
 import numpy as np
 
 from .buffer import ReplayBuffer
+from .channel_sparcl import STRUCTURES, ChannelDGM, ChannelMasks
 from .engine import Engine
 from .flops import dense_training_flops, training_flops
 from .sparcl import (DDRSchedule, DGM, ForgettingTracker, TDMSchedule, ddr_schedule, initial_mask, prune_and_regrow,
@@ -47,6 +49,9 @@ class SparCLConfig:
         tdm / dgm / ddr: task-aware dynamic masking, dynamic gradient masking, dynamic data removal.
         grad_density: fraction of each gradient kept by DGM; dgm_every: steps between recomputations.
         dense_first_last: keep the first layer (stem) and the classifier dense, as SparCL allows.
+        structure: "weight" (masks on weight entries, the paper's mode: counted savings only) or
+            "channel" (whole output channels on a channel-structured export, computed on narrower
+            tensors: `channel_sparcl`); sparsity is then the share of each channel set pruned.
     """
 
     sparsity: float = 0.75
@@ -58,8 +63,11 @@ class SparCLConfig:
     tdm_schedule: TDMSchedule = TDMSchedule()
     ddr_schedule: DDRSchedule = DDRSchedule()
     dense_first_last: bool = True
+    structure: str = "weight"
 
     def __post_init__(self):
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure={self.structure!r}; accepted: {', '.join(STRUCTURES)}")
         if not (_real(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise ValueError(f"sparsity={self.sparsity!r}; accepted: 0 <= sparsity < 1 (e.g. 0.75, 0.9)")
         if not (_real(self.grad_density) and 0.0 < self.grad_density <= 1.0):
@@ -121,7 +129,7 @@ class StrategyConfig:
         s = self.sparcl
         parts = [name for name, on in (("TDM", s.tdm), ("DGM", s.dgm), ("DDR", s.ddr)) if not on]
         off = f" w/o {'+'.join(parts)}" if parts else ""
-        return f"SparCL-{base} {s.sparsity:.2f}{off}"
+        return f"SparCL-{base} {s.sparsity:.2f}{' channel' if s.structure == 'channel' else ''}{off}"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -145,15 +153,25 @@ class Learner:
         self.engine, self.config, self.buffer, self.rng = engine, config, buffer, rng
         layers = engine.manifest.extra.get("layers", [])
         self.layers = layers
-        sparse = [name for name in engine.manifest.masked_names]
-        if config.sparcl is not None and config.sparcl.dense_first_last and layers:
-            keep_dense = {layers[0]["weight"], layers[-1]["weight"]}
-            sparse = [name for name in sparse if name not in keep_dense]
-        if config.sparcl is not None and not sparse:
-            raise ValueError("SparCL needs masked weights: export with masks='weights'")
-        self.sparse_names = sparse if config.sparcl is not None else []
-        self.dgm = (DGM(config.sparcl.grad_density, config.sparcl.dgm_every, self.sparse_names)
-                    if config.sparcl is not None and config.sparcl.dgm else None)
+        s = config.sparcl
+        self.channel_masks = None  # structure="channel": the active channels of each set
+        self.dgm = None
+        if s is not None and s.structure == "channel":
+            self.channel_masks = ChannelMasks(engine, 1.0 - s.sparsity)
+            self.sparse_names = self.channel_masks.weights
+            if s.dgm:
+                self.dgm = ChannelDGM(s.grad_density, s.dgm_every, self.sparse_names, self.channel_masks.gathers,
+                                      self.channel_masks.sets, engine.channels)
+        else:
+            sparse = [name for name in engine.manifest.masked_names]
+            if s is not None and s.dense_first_last and layers:
+                keep_dense = {layers[0]["weight"], layers[-1]["weight"]}
+                sparse = [name for name in sparse if name not in keep_dense]
+            if s is not None and not sparse:
+                raise ValueError("SparCL needs masked weights: export with masks='weights'")
+            self.sparse_names = sparse if s is not None else []
+            if s is not None and s.dgm:
+                self.dgm = DGM(s.grad_density, s.dgm_every, self.sparse_names)
         self.task = -1
         self.step = 0
         self.tracker: ForgettingTracker | None = None
@@ -177,7 +195,12 @@ class Learner:
         s = self.config.sparcl
         if s is None:
             return
-        if epoch == 0 and self.task == 0:  # the first sparse mask: magnitude top-k
+        if self.channel_masks is not None:
+            if epoch == 0 and self.task == 0:  # the first channels: sum |w| top-k
+                self.channel_masks.initial(self.rng)
+            elif s.tdm and epoch in tdm_schedule(epochs_per_task, s.tdm_schedule) and self.last_grads:
+                self.channel_masks.update(self.last_grads, s.tdm_schedule.prune_ratio, self.rng)
+        elif epoch == 0 and self.task == 0:  # the first sparse mask: magnitude top-k
             density = 1.0 - s.sparsity
             params = self.engine.parameters()
             self.engine.set_masks({n: initial_mask(params[n], density, self.rng) for n in self.sparse_names})
@@ -269,16 +292,20 @@ class Learner:
         if not self.layers:
             self._flops_per_sample = self._dense_flops_per_sample = 0.0
             return
+        frozen = {p.name for p in self.engine.manifest.parameters if not p.trainable}
+        frozen &= {row["weight"] for row in self.layers}
+        self._dense_flops_per_sample = dense_training_flops(self.layers, 1, frozen).total
+        if self.channel_masks is not None:  # what the narrower graph computes; DGM saves no product there
+            computed = self.channel_masks.computed_densities()
+            self._flops_per_sample = training_flops(self.layers, 1, computed, computed, frozen).total
+            return
         masks = self.engine.masks()
         weight_density = {n: float(masks[n].mean()) for n in self.sparse_names}
         grad_density = dict(weight_density)  # without DGM: every active entry
         if self.dgm is not None:
             grad_density = {n: (float(np.mean((masks[n] != 0) & (self.dgm.masks[n] != 0))) if n in self.dgm.masks
                                 else min(weight_density[n], self.dgm.density)) for n in self.sparse_names}
-        frozen = {p.name for p in self.engine.manifest.parameters if not p.trainable}
-        frozen &= {row["weight"] for row in self.layers}
         self._flops_per_sample = training_flops(self.layers, 1, weight_density, grad_density, frozen).total
-        self._dense_flops_per_sample = dense_training_flops(self.layers, 1, frozen).total
 
     # --- checkpoints ----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
