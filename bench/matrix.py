@@ -35,6 +35,12 @@ STRATEGIES = {
     "sparcl-derpp-0.75-ulp": ["--method", "derpp", "--sparsity", "0.75", "--nudge-ulp"],  # the float32 floor
     "derpp-torch": ["--method", "derpp", "--dense", "--engine", "torch"],  # the same, without SparCL's choices
     "derpp-ulp": ["--method", "derpp", "--dense", "--nudge-ulp"],
+    # issue 13: SparCL on whole channels (sparsity = share of each channel set pruned) and dense DER++ on the
+    # uniformly narrower cnn-s2 of about the same training FLOPs (width 7 ~ ch-0.50, width 10 ~ ch-0.25)
+    "sparcl-derpp-ch-0.50": ["--method", "derpp", "--sparsity", "0.5", "--structure", "channel"],
+    "sparcl-derpp-ch-0.25": ["--method", "derpp", "--sparsity", "0.25", "--structure", "channel"],
+    "derpp-w7": ["--method", "derpp", "--dense", "--width", "7"],
+    "derpp-w10": ["--method", "derpp", "--dense", "--width", "10"],
 }
 
 
