@@ -21,8 +21,8 @@ from edgecl.runtime.job import LearnerSpec, build_learner, check_memory
 from edgecl.runtime.locks import folder_lock
 from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.resume import check_resume
-from edgecl.runtime.scenarios import (Scenario, digits_scenario, fashion_mnist_scenario, permuted_scenario,
-                                      train_test_split)
+from edgecl.runtime.scenarios import (Scenario, digits_scenario, fashion_mnist_scenario, padded_scenario,
+                                      permuted_scenario, subset_scenario, train_test_split)
 
 DATASETS = ("digits", "fashion-mnist")
 # Digits has ~290 training examples a task (9 batches an epoch): more epochs and a larger step.
@@ -42,6 +42,9 @@ class JobConfig(LearnerSpec):
     engine: str = "portable"
     nudge_ulp: bool = False  # a diagnostic: one stem weight moved by one ulp before training (see bench drift)
     width: int | None = None  # the model family's width (None: its default), e.g. a narrower dense baseline
+    pad_to: int | None = None  # images zero-padded to pad_to x pad_to (28x28 Fashion-MNIST to ResNet-18's 32x32)
+    train_per_task: int | None = None  # a shorter run: at most this many training examples a task (None: all)
+    test_per_task: int | None = None  # and test examples a task
 
     def __post_init__(self):
         if self.data not in DATASETS:
@@ -61,6 +64,10 @@ class JobConfig(LearnerSpec):
         if self.structure == "channel" and self.engine != "portable":
             raise ValueError(f"structure='channel' with engine={self.engine!r}; accepted: engine='portable' (the "
                              "channel-structured step graph is a portable one)")
+        for name in ("pad_to", "train_per_task", "test_per_task"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}; accepted: an integer >= 1, or None")
         if not isinstance(self.nudge_ulp, bool):
             raise ValueError(f"nudge_ulp={self.nudge_ulp!r}; accepted: True or False")
         super().__post_init__()
@@ -137,6 +144,10 @@ def _run_job(job: JobConfig, out_dir, writer, progress: bool):
 
     out_dir = Path(out_dir)
     scenario = load_scenario(job.data, job.seed, job.scenario)
+    if job.pad_to is not None:
+        scenario = padded_scenario(scenario, job.pad_to)
+    if job.train_per_task is not None or job.test_per_task is not None:
+        scenario = subset_scenario(scenario, job.train_per_task, job.test_per_task, job.seed)
     check_memory(job, scenario.input_shape, scenario.num_classes)  # before the export, not at the allocation after it
     model, folder = _export_cached(job, scenario, out_dir)
     optimizer = job.optimizer()

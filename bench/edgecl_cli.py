@@ -64,7 +64,8 @@ def run_job_config(args):
     args.lr = defaults["lr"] if args.lr is None else args.lr
     return JobConfig(data=args.data, scenario=args.scenario, model=args.model, engine=args.engine, method=args.method,
                      sparsity=None if args.dense else args.sparsity, tdm=not args.no_tdm, dgm=not args.no_dgm,
-                     ddr=not args.no_ddr, structure=args.structure, width=args.width, buffer=args.buffer,
+                     ddr=not args.no_ddr, structure=args.structure, width=args.width, pad_to=args.pad_to,
+                     train_per_task=args.train_per_task, test_per_task=args.test_per_task, buffer=args.buffer,
                      budget=args.budget, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
                      checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp)
 
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="weight", choices=["weight", "channel"],
                    help="SparCL's masks on weight entries (the paper's) or on whole output channels, computed on "
                         "narrower tensors (portable engine); --sparsity is then the share of channels pruned")
+    p.add_argument("--pad-to", type=int, default=None, metavar="SIZE",
+                   help="zero-pad the images to SIZE x SIZE (e.g. 32: Fashion-MNIST for the CIFAR-layout resnet18)")
+    p.add_argument("--train-per-task", type=int, default=None, metavar="N",
+                   help="a shorter run: N random training examples of each task (default: all)")
+    p.add_argument("--test-per-task", type=int, default=None, metavar="N", help="and N test examples of each task")
     p.add_argument("--width", type=int, default=None, help="the model's width (cnn, cnn-s2, resnet, resnet18, "
                                                            "mobilenet; default: the family's)")
     p.add_argument("--buffer", type=int, default=None, help="replay buffer size in examples (default 500, or "

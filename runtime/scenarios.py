@@ -256,6 +256,47 @@ def cifar10_scenario(root, kind: ScenarioKind | str = ScenarioKind.CLASS_IL) -> 
                           name="split-cifar10")
 
 
+def subset_scenario(scenario: Scenario, train_per_task: int | None = None, test_per_task: int | None = None,
+                    seed: int = 0) -> Scenario:
+    """A shorter run of the same scenario: at most `train_per_task` / `test_per_task` examples of each
+    task (None: all), drawn at random with `seed`, in their original order.
+
+    Raises:
+        ValueError: a count that is not an integer >= 1, or fewer examples than the task's classes.
+    """
+    for name, n in (("train_per_task", train_per_task), ("test_per_task", test_per_task)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"{name}={n!r}; accepted: an integer >= 1, or None (every example)")
+    rng = np.random.default_rng(seed)
+
+    def cut(x, y, n):
+        if n is None or n >= len(x):
+            return x, y
+        keep = np.sort(rng.choice(len(x), size=n, replace=False))
+        return x[keep], y[keep]
+
+    tasks = tuple(Task(t.id, t.classes, *cut(t.x_train, t.y_train, train_per_task),
+                       *cut(t.x_test, t.y_test, test_per_task)) for t in scenario.tasks)
+    return Scenario(f"{scenario.name}-subset", tasks, scenario.num_classes, scenario.kind)
+
+
+def padded_scenario(scenario: Scenario, size: int) -> Scenario:
+    """Every image zero-padded (centred) to size x size, e.g. 28x28 Fashion-MNIST to the 32x32 of the
+    CIFAR-layout ResNet-18.
+
+    Raises:
+        ValueError: a size smaller than the images or not an integer.
+    """
+    _, h, w = scenario.input_shape
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < max(h, w):
+        raise ValueError(f"size={size!r}; accepted: an integer >= the images' {h}x{w}")
+    top, left = (size - h) // 2, (size - w) // 2
+    pad = ((0, 0), (0, 0), (top, size - h - top), (left, size - w - left))
+    tasks = tuple(Task(t.id, t.classes, np.pad(t.x_train, pad), t.y_train, np.pad(t.x_test, pad), t.y_test)
+                  for t in scenario.tasks)
+    return Scenario(f"{scenario.name}-{size}x{size}", tasks, scenario.num_classes, scenario.kind)
+
+
 def _kind(kind) -> ScenarioKind:
     try:
         return ScenarioKind(kind)

@@ -243,3 +243,31 @@ def test_fashion_mnist_and_cifar10_presets_on_written_files(tmp_path):
 def test_split_fashion_mnist_on_the_installed_data():
     s = fashion_mnist_scenario()
     assert [(len(t.y_train), len(t.y_test)) for t in s.tasks] == [(12000, 2000)] * 5
+
+
+def test_subset_and_padded_scenarios_keep_labels_classes_and_order():
+    from edgecl.runtime.scenarios import padded_scenario, subset_scenario
+
+    full = digits_scenario(seed=0)
+    short = subset_scenario(full, train_per_task=20, test_per_task=5, seed=3)
+    for a, b in zip(full.tasks, short.tasks):
+        assert len(b.x_train) == 20 and len(b.x_test) == 5 and b.classes == a.classes
+        rows = [int(np.flatnonzero((a.x_train == x).all(axis=(1, 2, 3)))[0]) for x in b.x_train]
+        assert rows == sorted(rows) and np.array_equal(a.y_train[rows], b.y_train)  # a subset, in order
+    assert subset_scenario(full, 20, 5, seed=3).tasks[0].x_train.tobytes() == short.tasks[0].x_train.tobytes()
+    padded = padded_scenario(full, 12)
+    assert padded.input_shape == (1, 12, 12)
+    assert np.array_equal(padded.tasks[0].x_train[:, :, 2:10, 2:10], full.tasks[0].x_train)
+    assert padded.tasks[0].x_train[:, :, :2].sum() == 0
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda s: __import__("edgecl.runtime.scenarios", fromlist=["x"]).subset_scenario(s, 0), "train_per_task=0"),
+    (lambda s: __import__("edgecl.runtime.scenarios", fromlist=["x"]).subset_scenario(s, None, 2.5), "test_per_task=2.5"),
+    (lambda s: __import__("edgecl.runtime.scenarios", fromlist=["x"]).padded_scenario(s, 6), "size=6; accepted: an "
+                                                                                             "integer >= the images' 8x8"),
+])
+def test_bad_subset_or_pad_sizes_are_refused(call, words):
+    with pytest.raises(ValueError) as info:
+        call(digits_scenario(seed=0))
+    assert words in str(info.value)
