@@ -212,3 +212,31 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused_naming_it(out_dir
     assert f"checkpoint folder '{ckpt}' is in use: another process writes into it" in proc.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == [".lock"]
     assert not fresh.exists()  # refused before the export, not after it
+
+
+# --- channel-structured SparCL and the narrower dense baseline (issue 13) ------------------------
+
+
+def test_a_channel_structured_run_counts_the_narrowed_work(tmp_path):
+    path = tmp_path / "ch.json"
+    proc = subprocess.run(RUN[:4] + ["--epochs", "1", "--threads", "1", "--quiet", "--model", "cnn-s2",
+                                      "--structure", "channel", "--sparsity", "0.5", "--out", str(tmp_path / "out"),
+                                      "--json", str(path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(path.read_text())
+    assert result["config"]["label"] == "SparCL-DER++ 0.50 channel"
+    assert result["config"]["job"]["structure"] == "channel"
+    # half of every channel set: the middle conv and the first Linear compute a quarter, the stem and head a half
+    assert 3.0 < result["dense_train_flops"] / result["train_flops"] < 4.5
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--structure", "channel", "--engine", "ort-training"], "structure='channel' with engine='ort-training'"),
+    (["--structure", "channel", "--dense"], "structure='channel' with sparsity=None"),
+    (["--width", "8", "--model", "mlp"], "width=8 with model='mlp'"),
+    (["--train-per-task", "0"], "train_per_task=0"),
+])
+def test_bad_structure_width_or_subset_flags_are_refused_before_any_work(tmp_path, flags, words):
+    proc = subprocess.run(RUN + ["--out", str(tmp_path / "out")] + flags, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
