@@ -181,6 +181,7 @@ def summarize(out_dir, reference: str = "derpp") -> list[dict]:
     """Mean and standard deviation over seeds of each strategy's metrics, FLOPs relative to `reference`."""
     runs = load_runs(out_dir)
     ref_flops = np.mean([r["train_flops"] for r in runs.get(reference, [])]) if reference in runs else None
+    ref_wall = {_seed(r): r["wall_s"] for r in runs.get(reference, [])}
     rows = []
     for strategy in [s for s in STRATEGIES if s in runs]:
         rs = runs[strategy]
@@ -198,21 +199,36 @@ def summarize(out_dir, reference: str = "derpp") -> list[dict]:
                      "forgetting": stat("forgetting", 100), "bwt": stat("bwt", 100),
                      "flops_vs_reference": float(flops / ref_flops) if ref_flops else None,
                      "fewer_flops_than_reference": float(ref_flops / flops) if ref_flops else None,
-                     "peak_rss_mib": stat("peak_rss_bytes", 1 / 2**20), "wall_s": stat("wall_s")})
+                     "peak_rss_mib": stat("peak_rss_bytes", 1 / 2**20), "wall_s": stat("wall_s"),
+                     "wall_vs_reference": _median_ratio(rs, ref_wall)})
     return rows
+
+
+def _seed(run: dict):
+    return run["config"].get("job", {}).get("seed", run["config"].get("run", {}).get("seed"))
+
+
+def _median_ratio(rs: list[dict], ref_wall: dict) -> float | None:
+    """Median over seeds of wall(run) / wall(the reference's run of the same seed); None without one."""
+    ratios = [r["wall_s"] / ref_wall[_seed(r)] for r in rs if ref_wall.get(_seed(r))]
+    return float(np.median(ratios)) if ratios else None
 
 
 def markdown_table(rows: list[dict], reference: str = "DER++") -> str:
     head = (f"| strategy | seeds | ACC class-IL (%) | ACC task-IL (%) | forgetting (%) | training FLOPs vs dense "
-            f"{reference} | peak RSS (MiB) | wall (s) |\n|---|---|---|---|---|---|---|---|")
+            f"{reference} | peak RSS (MiB) | wall (s) | wall vs dense {reference} (median of per-seed ratios) |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         f = r["flops_vs_reference"]
         flops = "n/a" if f is None else f"{f:.2f}x ({r['fewer_flops_than_reference']:.1f}x fewer)" if f < 0.999 else f"{f:.2f}x"
+        w = r.get("wall_vs_reference")
+        wall = "n/a" if w is None else f"{w:.2f}x" + (f" ({1 / w:.2f}x faster)" if w < 0.999 else "")
+
         def cell(key):  # one seed has no spread: say so rather than print ± 0.00
             mean, sd = r[key]
             return f"{mean:.2f} ± {sd:.2f}" if r["seeds"] > 1 else f"{mean:.2f} (one seed)"
 
         lines.append(f"| {r['label']} | {r['seeds']} | {cell('acc')} | {cell('task_il_acc')} | {cell('forgetting')} | "
-                     f"{flops} | {r['peak_rss_mib'][0]:.0f} | {r['wall_s'][0]:.0f} |")
+                     f"{flops} | {r['peak_rss_mib'][0]:.0f} | {r['wall_s'][0]:.0f} | {wall} |")
     return "\n".join(lines)

@@ -70,3 +70,21 @@ def test_summary_of_an_empty_or_corrupt_folder_names_the_problem(tmp_path, capsy
         summarize(tmp_path)
     assert bench_cli.main(["report", "--runs", str(tmp_path), "--out", str(tmp_path / "report")]) == 2
     assert "derpp-seed1.json is not a run JSON" in capsys.readouterr().err
+
+
+def test_wall_time_is_compared_with_the_reference_run_of_the_same_seed(tmp_path):
+    (tmp_path / "runs").mkdir()
+
+    def write(strategy, seed, wall, flops):
+        run = {k: 0.0 for k in ("acc", "task_il_acc", "forgetting", "bwt", "dense_train_flops", "peak_rss_bytes")}
+        run.update(acc_matrix=[[1.0]], train_flops=flops, wall_s=wall,
+                   config={"label": strategy, "job": {"seed": seed, "engine": "portable"}})
+        (tmp_path / "runs" / f"{strategy}-seed{seed}.json").write_text(json.dumps(run))
+
+    for seed, (dense, channel) in enumerate([(100.0, 40.0), (200.0, 100.0), (150.0, 90.0)]):
+        write("derpp", seed, dense, 4.0)
+        write("sparcl-derpp-ch-0.50", seed, channel, 1.0)
+    rows = {r["strategy"]: r for r in summarize(tmp_path)}
+    assert rows["sparcl-derpp-ch-0.50"]["wall_vs_reference"] == pytest.approx(0.5)  # median of 0.4, 0.5, 0.6
+    assert rows["derpp"]["wall_vs_reference"] == 1.0
+    assert "0.50x (2.00x faster)" in markdown_table(list(rows.values()))
