@@ -55,6 +55,15 @@ def _steps(learner, n, rng, start=0):
         learner.observe(x, y, np.arange(start, start + 16) % 64)
 
 
+def _started(folder, rng, steps):
+    """A learner past its first channel choice (task 0, epoch 0 of 4) and `steps` steps."""
+    learner = _learner(folder)
+    learner.begin_task(0, 64)
+    learner.begin_epoch(0, 4)
+    _steps(learner, steps, rng)
+    return learner
+
+
 def _summed(arrays, names, size):
     total = np.zeros(size)
     for n in names:
@@ -82,11 +91,8 @@ def test_residual_sets_are_scored_over_every_layer_that_produces_them(structured
 
 
 def test_tdm_keeps_the_most_important_channels_and_regrows_inactive_ones(structured, rng):
-    learner = _learner(structured("cnn-s2"))
+    learner = _started(structured("cnn-s2"), rng, 3)
     cm = learner.channel_masks
-    learner.begin_task(0, 64)
-    learner.begin_epoch(0, 4)
-    _steps(learner, 3, rng)
     before = learner.engine.channels()
     params, grads = learner.engine.parameters(), learner.last_grads
     learner.begin_epoch(1, 4)  # a TDM epoch of a 4-epoch task
@@ -108,11 +114,8 @@ def test_tdm_keeps_the_most_important_channels_and_regrows_inactive_ones(structu
 
 
 def test_a_regrown_channel_resumes_its_own_weights_and_optimizer_state(structured, rng):
-    learner = _learner(structured("cnn-s2"))
+    learner = _started(structured("cnn-s2"), rng, 3)
     engine = learner.engine
-    learner.begin_task(0, 64)
-    learner.begin_epoch(0, 4)
-    _steps(learner, 3, rng)
     s = next(iter(engine.channel_sets))
     active = engine.channels()[s]
     w = learner.channel_masks.producers[s][0]
@@ -128,10 +131,7 @@ def test_a_regrown_channel_resumes_its_own_weights_and_optimizer_state(structure
 
 
 def test_dgm_keeps_whole_output_channels_holding_its_share_of_the_tensor(structured, rng):
-    learner = _learner(structured("cnn-s2"))
-    learner.begin_task(0, 64)
-    learner.begin_epoch(0, 4)
-    _steps(learner, 1, rng)
+    learner = _started(structured("cnn-s2"), rng, 1)
     sets, active = learner.channel_masks.sets, learner.engine.channels()
     density = learner.config.sparcl.grad_density
     for name, mask in learner.dgm.masks.items():
