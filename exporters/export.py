@@ -138,7 +138,8 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
         raise ValueError(f"structure={structure!r}; accepted: None, 'channel'")
     if structure is not None and engine != "portable":
         raise ValueError(f"structure={structure!r} with engine={engine!r}; accepted: structure='channel' with "
-                         "engine='portable' (ort-training's graphs have no channel inputs yet)")
+                         "engine='portable' (onnxruntime-training 1.19.2's AdamW graph moves the weights and moments "
+                         "of inactive channels, and its MaxPoolGrad needs static channel counts: README)")
     target = check_out_dir(out_dir, overwrite)  # before any work: a refused folder costs nothing
     check_supported(model)
     model = _copy_for_export(model)
