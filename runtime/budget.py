@@ -191,7 +191,7 @@ class MemoryPlan:
 
 def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
                 optimizer: OptimizerConfig | OptimizerKind | str, replay_batch_size: int = 0,
-                store_logits: bool = True) -> MemoryPlan:
+                store_logits: bool = True, sample_shape: tuple[int, ...] | None = None) -> MemoryPlan:
     """Fit a training run into `budget_bytes` and give the rest to the replay buffer.
 
     The fixed part is parameters + gradients (trainable only) + optimizer state + float32
@@ -207,6 +207,8 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
         replay_batch_size: buffer examples per step, all replay terms together (DER++
             draws two batches: pass their sum).
         store_logits: whether the buffer keeps logits (DER++: True; ER: False).
+        sample_shape: the shape of one stored input (None: the manifest's input_shape); latent
+            replay stores latents: pass the latent shape (the largest of what the buffer ever holds).
     Returns:
         MemoryPlan with replay_capacity the largest number of examples that fits.
     Raises:
@@ -236,7 +238,8 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
         batchnorm_bytes=sum(tensor_bytes(b) for b in manifest.buffers),
         activations_bytes=int(per_sample) * (batch_size + replay_batch_size),
     )
-    example = bytes_per_example(manifest.input_shape, manifest.num_classes, store_logits)
+    example = bytes_per_example(manifest.input_shape if sample_shape is None else sample_shape, manifest.num_classes,
+                                store_logits)
     needed = sum(parts.values()) + replay_batch_size * example
     if budget_bytes < needed:
         rows = [(LABELS[k], v) for k, v in parts.items()]
