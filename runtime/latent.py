@@ -117,16 +117,30 @@ class LatentReplay:
             raise ValueError(f"freeze_after={freeze_after!r}; accepted: an integer >= 0 (a task index)")
         if full is not None and full.name != suffix.name:
             raise ValueError(f"full engine {full.name!r}, suffix engine {suffix.name!r}; accepted: engines of one kind")
-        self.suffix, self.prefix, self.full, self.buffer = suffix, prefix, full, buffer
+        self.suffix, self.prefix, self.full, self.buffer = suffix, prefix, full, None
         self.freeze_after = int(freeze_after) if full is not None else None
         self.frozen = full is None
-        expected = prefix.latent_shape if self.frozen else prefix.input_shape
-        if buffer is not None and buffer.sample_shape != expected:
-            raise ValueError(f"buffer sample_shape={buffer.sample_shape}; accepted: {expected}, the "
-                             f"{'latent' if self.frozen else 'input'} shape it holds first")
+        if buffer is not None:
+            self.attach(buffer)
         after = "from the start" if self.frozen else f"after task {self.freeze_after}"
         self.name = f"{suffix.name}, latent replay at {prefix.split!r} {after}"
         self.optimizer_config = suffix.optimizer_config
+
+    @property
+    def first_sample_shape(self) -> tuple[int, ...]:
+        """What the buffer holds first: raw inputs until the freeze, latents from a frozen start."""
+        return self.prefix.latent_shape if self.frozen else self.prefix.input_shape
+
+    def attach(self, buffer: ReplayBuffer) -> None:
+        """The replay buffer `freeze` converts and a frozen `load_state_arrays` reshapes.
+
+        Raises:
+            ValueError: its sample_shape is not `first_sample_shape`.
+        """
+        if buffer.sample_shape != self.first_sample_shape:
+            raise ValueError(f"buffer sample_shape={buffer.sample_shape}; accepted: {self.first_sample_shape}, the "
+                             f"{'latent' if self.frozen else 'input'} shape it holds first")
+        self.buffer = buffer
 
     @property
     def active(self) -> Engine:

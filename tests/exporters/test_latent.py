@@ -152,3 +152,36 @@ def test_a_run_killed_mid_way_resumes_exactly_across_the_freeze(exported, split_
     for key in ("acc_matrix", "task_il_matrix", "acc", "train_flops", "dense_train_flops", "steps"):
         assert getattr(again, key) == getattr(plain, key), key
     assert plain.acc_matrix[1][1] > 0.3  # the suffix alone learned task 1 on the frozen prefix's latents
+
+
+def test_build_learner_plans_the_buffer_for_latents_and_attaches_it(exported, split_exports):
+    from edgecl.runtime.job import LearnerSpec, build_learner
+
+    _, full_folder = exported("cnn", masks=None)
+    _, folder = split_exports("cnn", "2")
+    full = open_engine(full_folder, threads=1)
+    suffix = open_engine(folder, threads=1)
+    engine = LatentReplay(suffix, PrefixEncoder(folder, suffix.manifest, threads=1), full)
+    scenario = digits_scenario(seed=0)
+    spec = LearnerSpec(method="derpp", sparsity=None, buffer=None, budget="2MiB")
+    learner, plan, _ = build_learner(engine, scenario, spec)
+    _, raw_plan, _ = build_learner(open_engine(full_folder, threads=1), scenario, spec)
+    assert plan["replay_example_bytes"] == bytes_per_example((16, 4, 4), 10)
+    assert raw_plan["replay_example_bytes"] == bytes_per_example((1, 8, 8), 10)
+    assert learner.buffer.capacity == plan["replay_capacity"] < raw_plan["replay_capacity"]
+    assert engine.buffer is learner.buffer and learner.buffer.sample_shape == (1, 8, 8)  # raw until the freeze
+
+
+def test_latent_replay_with_sparcl_or_a_foreign_buffer_is_refused(exported, split_exports):
+    from edgecl.runtime.strategies import SparCLConfig
+
+    _, folder = split_exports("cnn", "2")
+    suffix = open_engine(folder, threads=1)
+    engine = LatentReplay(suffix, PrefixEncoder(folder, suffix.manifest, threads=1))
+    with pytest.raises(ValueError, match="buffer sample_shape=\\(1, 8, 8\\); accepted: \\(16, 4, 4\\)"):
+        engine.attach(ReplayBuffer(10, (1, 8, 8), 10, np.random.default_rng(0)))
+    buffer = ReplayBuffer(10, (16, 4, 4), 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="accepted: latent replay with a dense strategy"):
+        Learner(engine, StrategyConfig("derpp", sparcl=SparCLConfig()), buffer, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="built with another buffer"):
+        Learner(engine, StrategyConfig("derpp"), buffer, np.random.default_rng(0))
