@@ -122,7 +122,7 @@ class LatentReplay:
         self.frozen = full is None
         if buffer is not None:
             self.attach(buffer)
-        after = "from the start" if self.frozen else f"after task {self.freeze_after}"
+        after = "from the start" if self.frozen else f"after task {self.freeze_after + 1} (1-based)"
         self.name = f"{suffix.name}, latent replay at {prefix.split!r} {after}"
         self.optimizer_config = suffix.optimizer_config
 
