@@ -33,6 +33,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 # Masks live on the device as float32 arrays (the engines multiply weights by them).
 MASK_ITEMSIZE = 4
 ACTIVATION_KEY = "activation_bytes_per_sample"
+FLOAT32_BYTES = 4
 # MemoryPlan field -> its line in the breakdowns (the plan's table and the refusal message).
 LABELS = {
     "parameters_bytes": "parameters",
@@ -196,7 +197,8 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
 
     The fixed part is parameters + gradients (trainable only) + optimizer state + float32
     masks + BatchNorm statistics + activations of (batch_size + replay_batch_size) examples,
-    from `manifest.extra["activation_bytes_per_sample"]` recorded at export. With replay
+    from `manifest.extra["activation_bytes_per_sample"]` recorded at export. A latent-replay export's frozen prefix
+    (manifest extra["latent"]) adds its weights and BatchNorm statistics, without gradients or optimizer state. With replay
     (replay_batch_size > 0) the buffer must hold at least one replay batch.
 
     Args:
@@ -230,12 +232,16 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
                             "(bytes); export the model again")
     trainable = [p for p in manifest.parameters if p.trainable]
     grads = sum(tensor_bytes(p) for p in trainable)
+    # a latent-replay export's manifest lists the suffix; its frozen prefix's weights and statistics are held too
+    prefix = manifest.extra.get("latent", {})
+    prefix_params = sum(math.prod(s) for s in prefix.get("prefix_parameters", {}).values()) * FLOAT32_BYTES
+    prefix_buffers = sum(math.prod(s) for s in prefix.get("prefix_buffers", {}).values()) * FLOAT32_BYTES
     parts = dict(
-        parameters_bytes=sum(tensor_bytes(p) for p in manifest.parameters),
+        parameters_bytes=sum(tensor_bytes(p) for p in manifest.parameters) + prefix_params,
         gradients_bytes=grads,
         optimizer_bytes=optimizer_slots(optimizer) * grads,
         masks_bytes=sum(math.prod(p.shape) * MASK_ITEMSIZE for p in manifest.parameters if p.masked),
-        batchnorm_bytes=sum(tensor_bytes(b) for b in manifest.buffers),
+        batchnorm_bytes=sum(tensor_bytes(b) for b in manifest.buffers) + prefix_buffers,
         activations_bytes=int(per_sample) * (batch_size + replay_batch_size),
     )
     example = bytes_per_example(manifest.input_shape if sample_shape is None else sample_shape, manifest.num_classes,

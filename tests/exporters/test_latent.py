@@ -121,6 +121,9 @@ def test_the_planner_counts_the_latent_bytes(split_exports):
     latent = plan_memory(manifest, "2MiB", 32, "sgd", 64)  # the suffix's input: the latent
     assert latent.replay_example_bytes == bytes_per_example((16, 4, 4), 10) == 4 * 256 + 8 + 40 + 2
     assert raw.replay_example_bytes == 4 * 64 + 8 + 40 + 2
+    suffix_bytes = sum(4 * int(np.prod(p.shape)) for p in manifest.parameters)
+    assert latent.parameters_bytes == suffix_bytes + 4 * (16 * 9 + 16)  # + the frozen prefix: conv 0
+    assert latent.gradients_bytes == suffix_bytes
     assert latent.replay_capacity == (raw.replay_capacity * raw.replay_example_bytes + raw.unused_bytes) \
         // latent.replay_example_bytes < raw.replay_capacity
 
