@@ -45,6 +45,10 @@ class JobConfig(LearnerSpec):
     pad_to: int | None = None  # images zero-padded to pad_to x pad_to (28x28 Fashion-MNIST to ResNet-18's 32x32)
     train_per_task: int | None = None  # a shorter run: at most this many training examples a task (None: all)
     test_per_task: int | None = None  # and test examples a task
+    # latent replay: the split point (edgecl.exporters.latent.split_points), and the task (1-based) after
+    # which the prefix freezes; until then the whole model trains
+    latent_split: str | None = None
+    freeze_after: int = 1
 
     def __post_init__(self):
         if self.data not in DATASETS:
@@ -68,6 +72,13 @@ class JobConfig(LearnerSpec):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= 1, or None")
+        if isinstance(self.freeze_after, bool) or not isinstance(self.freeze_after, int) or self.freeze_after < 1:
+            raise ValueError(f"freeze_after={self.freeze_after!r}; accepted: an integer >= 1 (the task after which "
+                             "the prefix freezes)")
+        if self.latent_split is not None and (self.engine != "portable" or self.sparsity is not None):
+            raise ValueError(f"latent_split={self.latent_split!r} with engine={self.engine!r}, sparsity="
+                             f"{self.sparsity!r}; accepted: latent replay with engine='portable' and a dense strategy "
+                             "(--dense)")
         if not isinstance(self.nudge_ulp, bool):
             raise ValueError(f"nudge_ulp={self.nudge_ulp!r}; accepted: True or False")
         super().__post_init__()
@@ -84,7 +95,7 @@ def load_scenario(name: str, seed: int = 0, scenario: str = "split") -> Scenario
     return permuted_scenario(train, test, n_tasks=5, seed=seed)
 
 
-def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[object, Path]:
+def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path, split: str | None = None) -> tuple[object, Path]:
     import torch
 
     from edgecl.exporters import build_model, export
@@ -97,14 +108,14 @@ def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path) -> tuple[o
     # the exporter's fingerprint too: after an exporter change (or a new torch/onnx) the cache re-exports
     key = hashlib.sha256(json.dumps([job.model, scenario.input_shape, scenario.num_classes, job.seed, engine,
                                      exporter_fingerprint()] + ([job.width, structure] if job.width or structure
-                                                                else [])).encode())
+                                                                else []) + ([split] if split else [])).encode())
     folder = out_dir / "artifacts" / f"{job.model}-{engine}-{key.hexdigest()[:10]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     # runs side by side (bench run) wait for the one exporting, then use its artifacts; export's own lock re-enters
     with folder_lock(folder, wait=True, what="artifact cache folder"):
         if not (folder / "manifest.json").exists():
             export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine,
-                   masks=None if structure else "weights", structure=structure)
+                   masks=None if structure else "weights", structure=structure, split=split)
     return model, folder
 
 
@@ -149,15 +160,30 @@ def _run_job(job: JobConfig, out_dir, writer, progress: bool):
     if job.train_per_task is not None or job.test_per_task is not None:
         scenario = subset_scenario(scenario, job.train_per_task, job.test_per_task, job.seed)
     check_memory(job, scenario.input_shape, scenario.num_classes)  # before the export, not at the allocation after it
+    if job.latent_split is not None:  # a point the model has no split at is refused before any export
+        from edgecl.exporters import build_model
+        from edgecl.exporters.latent import split_model
+
+        kwargs = {} if job.width is None else {"width": job.width}
+        split_model(build_model(job.model, scenario.input_shape, scenario.num_classes, **kwargs), job.latent_split)
     model, folder = _export_cached(job, scenario, out_dir)
     optimizer = job.optimizer()
     engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"
               else open_engine(folder, optimizer, threads=job.threads))
     if job.nudge_ulp:
         nudge_one_ulp(engine)
+    if job.latent_split is not None:
+        from edgecl.runtime.latent import LatentReplay, PrefixEncoder
+
+        _, split_folder = _export_cached(job, scenario, out_dir, split=job.latent_split)
+        suffix = open_engine(split_folder, optimizer, threads=job.threads)
+        engine = LatentReplay(suffix, PrefixEncoder(split_folder, suffix.manifest, job.threads), engine,
+                              freeze_after=job.freeze_after - 1)
     learner, plan_dict, plan = build_learner(engine, scenario, job)
     strategy = job.strategy()
-    extra = {"job": dataclasses.asdict(job), "label": strategy.label + (" +1 ulp" if job.nudge_ulp else ""),
+    label = strategy.label + (" +1 ulp" if job.nudge_ulp else "") + (
+        f", latent replay at {job.latent_split} after task {job.freeze_after}" if job.latent_split else "")
+    extra = {"job": dataclasses.asdict(job), "label": label,
              "budget_plan": plan_dict}
     if plan is not None and progress:
         print(plan.table(), flush=True)

@@ -67,7 +67,8 @@ def run_job_config(args):
                      ddr=not args.no_ddr, structure=args.structure, width=args.width, pad_to=args.pad_to,
                      train_per_task=args.train_per_task, test_per_task=args.test_per_task, buffer=args.buffer,
                      budget=args.budget, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
-                     checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp)
+                     checkpoint_every=args.checkpoint_every, nudge_ulp=args.nudge_ulp, latent_split=args.latent_split,
+                     freeze_after=args.freeze_after)
 
 
 def _run(args) -> int:
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-task", type=int, default=None, metavar="N", help="and N test examples of each task")
     p.add_argument("--width", type=int, default=None, help="the model's width (cnn, cnn-s2, resnet, resnet18, "
                                                            "mobilenet; default: the family's)")
+    p.add_argument("--latent-split", default=None, metavar="POINT",
+                   help="latent replay: freeze the layers up to POINT (a child of an nn.Sequential, e.g. 4 for "
+                        "cnn-s2's second conv block; stem or layers.<i> for resnet/resnet18) after --freeze-after "
+                        "tasks; the buffer then holds their outputs (dense strategies, portable engine)")
+    p.add_argument("--freeze-after", type=int, default=1, metavar="N",
+                   help="with --latent-split: the task after which the prefix freezes (default 1)")
     p.add_argument("--buffer", type=int, default=None, help="replay buffer size in examples (default 500, or "
                    "what the --budget leaves)")
     p.add_argument("--budget", default=None, help="memory budget in bytes, e.g. 2MiB, 500KiB")

@@ -31,6 +31,7 @@ from .out_folder import check_out_dir, discard, make_temp_folder, move_into_plac
 from .portable import write_portable
 from .quiet import quiet_onnx_export
 from .channel_plan import plan_channels
+from .latent import PREFIX_FILE, split_model, write_prefix
 from .spec import check_logits, check_ops, check_supported, resolve_masks, resolve_trainable, tensor_specs
 from .structured import write_structured
 
@@ -98,7 +99,7 @@ def export_inference(model: nn.Module, example_input: torch.Tensor, path: Path, 
 
 def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str = "portable", masks=None,
            trainable=None, dropout: bool = False, opset: int = OPSET, overwrite: bool = True,
-           structure: str | None = None) -> ArtifactSet:
+           structure: str | None = None, split: str | None = None) -> ArtifactSet:
     """Export a torch model to training artifacts for one engine.
 
     Args:
@@ -116,6 +117,12 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
         structure: None, or "channel" (portable engine only): the graphs take the active output
             channels of each channel set as int64 inputs and compute on the narrower tensors
             (`edgecl.exporters.structured`); the engine sets them with `set_channels`.
+        split: None, or a split point (`edgecl.exporters.latent.split_points`; portable engine, no
+            structure): latent replay. The folder then holds the graphs of the model's part after the
+            point, whose input is the latent (manifest input_shape), and `prefix.onnx`, the part up
+            to it in inference mode; masks and trainable name the suffix's parameters; manifest
+            extra["latent"] records the point, the model's input and latent shapes and the prefix's
+            parameters (their initial values in init_state.npz as prefix::param::<name>).
     Returns:
         ArtifactSet with the folder and its manifest (files and their sha256).
     Raises:
@@ -140,8 +147,17 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
         raise ValueError(f"structure={structure!r} with engine={engine!r}; accepted: structure='channel' with "
                          "engine='portable' (onnxruntime-training 1.19.2's AdamW graph moves the weights and moments "
                          "of inactive channels, and its MaxPoolGrad needs static channel counts: README)")
+    if split is not None and (engine != "portable" or structure is not None):
+        raise ValueError(f"split={split!r} with engine={engine!r}, structure={structure!r}; accepted: split with "
+                         "engine='portable' and structure=None")
     target = check_out_dir(out_dir, overwrite)  # before any work: a refused folder costs nothing
     check_supported(model)
+    prefix = None
+    if split is not None:
+        prefix, model = split_model(model, split)  # a point it cannot split is refused here
+        with torch.no_grad():
+            latent_input = prefix.eval()(example_input)
+        full_input, example_input = example_input, latent_input
     model = _copy_for_export(model)
     check_ops(_copy_for_export(model), example_input)  # a copy: a training forward moves BN statistics
     num_classes = check_logits(model, example_input)
@@ -165,6 +181,11 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir, engine: str =
                      "activation_bytes_per_sample": activation_bytes_per_sample(model, example_input)}
             export_inference(_copy_for_export(model), example_input, tmp / "model.onnx", opset)
             state = {f"param::{n}": p.detach().numpy() for n, p in model.named_parameters()}
+            if prefix is not None:
+                latent, prefix_state = write_prefix(prefix, full_input, tmp, opset)
+                extra["latent"] = {"split": split, **latent, "prefix_layers": layer_table(prefix.eval(), full_input)}
+                state.update(prefix_state)
+                files = [*files, PREFIX_FILE]
             state.update({f"mask::{n}": m for n, m in mask_arrays.items()})
             state.update({f"buffer::{b.name}": dict(model.named_buffers())[b.name].detach().numpy() for b in buffers})
             np.savez(tmp / "init_state.npz", **state)

@@ -20,12 +20,13 @@ from edgecl.runtime.files import TMP_PREFIX, fsync_dir
 from edgecl.runtime.manifest import DIGEST_NAME, MANIFEST_NAME
 from edgecl.runtime.manifest_schema import COMMON_FILES, ENGINE_FILES
 
+from .latent import PREFIX_FILE
 from .ort_training import GRAPH_FILES, OPTIMIZER_FILES
 
 # Every name an export writes, whatever the engine: the only names an earlier export may hold.
 EXPORT_NAMES = frozenset({MANIFEST_NAME, DIGEST_NAME, *COMMON_FILES, *(n for names in ENGINE_FILES.values()
                                                                         for n in names),
-                          *GRAPH_FILES, *OPTIMIZER_FILES.values()})
+                          *GRAPH_FILES, *OPTIMIZER_FILES.values(), PREFIX_FILE})
 
 
 def _foreign_entries(folder: Path) -> list[str]:

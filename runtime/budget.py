@@ -33,6 +33,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 # Masks live on the device as float32 arrays (the engines multiply weights by them).
 MASK_ITEMSIZE = 4
 ACTIVATION_KEY = "activation_bytes_per_sample"
+FLOAT32_BYTES = 4
 # MemoryPlan field -> its line in the breakdowns (the plan's table and the refusal message).
 LABELS = {
     "parameters_bytes": "parameters",
@@ -191,12 +192,13 @@ class MemoryPlan:
 
 def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
                 optimizer: OptimizerConfig | OptimizerKind | str, replay_batch_size: int = 0,
-                store_logits: bool = True) -> MemoryPlan:
+                store_logits: bool = True, sample_shape: tuple[int, ...] | None = None) -> MemoryPlan:
     """Fit a training run into `budget_bytes` and give the rest to the replay buffer.
 
     The fixed part is parameters + gradients (trainable only) + optimizer state + float32
     masks + BatchNorm statistics + activations of (batch_size + replay_batch_size) examples,
-    from `manifest.extra["activation_bytes_per_sample"]` recorded at export. With replay
+    from `manifest.extra["activation_bytes_per_sample"]` recorded at export. A latent-replay export's frozen prefix
+    (manifest extra["latent"]) adds its weights and BatchNorm statistics, without gradients or optimizer state. With replay
     (replay_batch_size > 0) the buffer must hold at least one replay batch.
 
     Args:
@@ -207,6 +209,8 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
         replay_batch_size: buffer examples per step, all replay terms together (DER++
             draws two batches: pass their sum).
         store_logits: whether the buffer keeps logits (DER++: True; ER: False).
+        sample_shape: the shape of one stored input (None: the manifest's input_shape); latent
+            replay stores latents: pass the latent shape (the largest of what the buffer ever holds).
     Returns:
         MemoryPlan with replay_capacity the largest number of examples that fits.
     Raises:
@@ -228,15 +232,20 @@ def plan_memory(manifest: Manifest, budget_bytes: int | str, batch_size: int,
                             "(bytes); export the model again")
     trainable = [p for p in manifest.parameters if p.trainable]
     grads = sum(tensor_bytes(p) for p in trainable)
+    # a latent-replay export's manifest lists the suffix; its frozen prefix's weights and statistics are held too
+    prefix = manifest.extra.get("latent", {})
+    prefix_params = sum(math.prod(s) for s in prefix.get("prefix_parameters", {}).values()) * FLOAT32_BYTES
+    prefix_buffers = sum(math.prod(s) for s in prefix.get("prefix_buffers", {}).values()) * FLOAT32_BYTES
     parts = dict(
-        parameters_bytes=sum(tensor_bytes(p) for p in manifest.parameters),
+        parameters_bytes=sum(tensor_bytes(p) for p in manifest.parameters) + prefix_params,
         gradients_bytes=grads,
         optimizer_bytes=optimizer_slots(optimizer) * grads,
         masks_bytes=sum(math.prod(p.shape) * MASK_ITEMSIZE for p in manifest.parameters if p.masked),
-        batchnorm_bytes=sum(tensor_bytes(b) for b in manifest.buffers),
+        batchnorm_bytes=sum(tensor_bytes(b) for b in manifest.buffers) + prefix_buffers,
         activations_bytes=int(per_sample) * (batch_size + replay_batch_size),
     )
-    example = bytes_per_example(manifest.input_shape, manifest.num_classes, store_logits)
+    example = bytes_per_example(manifest.input_shape if sample_shape is None else sample_shape, manifest.num_classes,
+                                store_logits)
     needed = sum(parts.values()) + replay_batch_size * example
     if budget_bytes < needed:
         rows = [(LABELS[k], v) for k, v in parts.items()]

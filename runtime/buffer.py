@@ -173,6 +173,28 @@ class ReplayBuffer:
         logits = self.logits[indices] if self.store_logits else None
         return self.x[indices], self.y[indices], logits, self.task[indices], indices
 
+    def map_inputs(self, fn, sample_shape: tuple[int, ...], batch_size: int = 256) -> None:
+        """Store inputs of `sample_shape` from now on: each stored input x becomes fn(x) (latent replay's
+        freeze: the raw inputs become their latents); fn=None leaves the new storage zero, for a
+        `load_state_arrays` that follows. Labels, logits, task ids, `seen` and the generator stay.
+
+        Raises:
+            ValueError: a bad shape, storage the machine cannot hold, or fn's output not finite float32
+                (n, *sample_shape); the buffer is unchanged.
+        """
+        sample_shape = _check_shape(sample_shape)
+        per_example = bytes_per_example(sample_shape, self.num_classes, self.store_logits)
+        check_fits(f"a replay buffer of capacity={self.capacity} examples ({per_example} B each)",
+                   self.capacity * per_example, "capacity", per_example, "examples")
+        x = np.zeros((self.capacity, *sample_shape), X_DTYPE)
+        for i in range(0, len(self) if fn is not None else 0, batch_size):
+            out = fn(self.x[i : i + batch_size])
+            try:
+                x[i : i + batch_size] = _check_float("the mapped inputs", out, (len(out), *sample_shape))
+            except BatchError as e:
+                raise ValueError(str(e)) from None
+        self.x, self.sample_shape = x, sample_shape
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Flat `buffer::<name>` arrays for a checkpoint: stored examples, `seen` and the generator state."""
         size = len(self)

@@ -17,6 +17,7 @@ import numpy as np
 from .budget import MemoryPlan, parse_bytes, plan_memory
 from .buffer import ReplayBuffer, bytes_per_example
 from .channel_sparcl import STRUCTURES
+from .latent import LatentReplay
 from .loop import RunConfig
 from .memory import MachineMemory, check_fits, machine_memory
 from .optim import MAX_LR, OptimizerConfig
@@ -153,10 +154,13 @@ def build_learner(engine, scenario: Scenario, spec: LearnerSpec,
     derpp = strategy.method is Method.DERPP
     capacity = spec.buffer if strategy.uses_buffer else 0
     plan = None
+    latent = engine if isinstance(engine, LatentReplay) else None
+    # latent replay: the buffer holds raw inputs until the freeze, latents after; its capacity is planned for latents
+    stored_shape = scenario.input_shape if latent is None else latent.prefix.latent_shape
     if spec.budget is not None:
         replay = (2 if derpp else 1) * spec.batch_size if strategy.uses_buffer else 0
         plan = plan_memory(engine.manifest, spec.budget, spec.batch_size, engine.optimizer_config,
-                           replay_batch_size=replay, store_logits=derpp)
+                           replay_batch_size=replay, store_logits=derpp, sample_shape=stored_shape)
         if strategy.uses_buffer:
             if spec.buffer is None:
                 capacity = plan.replay_capacity
@@ -164,11 +168,13 @@ def build_learner(engine, scenario: Scenario, spec: LearnerSpec,
                 raise ValueError(f"buffer={spec.buffer} examples does not fit the budget {spec.budget}: it leaves "
                                  f"room for {plan.replay_capacity} ({plan.replay_example_bytes} B each)\n"
                                  f"{plan.table()}")
-    buffer = (ReplayBuffer(capacity, scenario.input_shape, scenario.num_classes,
-                           np.random.default_rng([spec.seed, 1]), store_logits=derpp)
+    buffer = (ReplayBuffer(capacity, scenario.input_shape if latent is None else latent.first_sample_shape,
+                           scenario.num_classes, np.random.default_rng([spec.seed, 1]), store_logits=derpp)
               if strategy.uses_buffer else None)
+    if latent is not None and buffer is not None:
+        latent.attach(buffer)
     learner = learner_cls(engine, strategy, buffer, np.random.default_rng(spec.seed))
     plan_dict = plan.to_dict() if plan is not None else {
         "buffer_examples": capacity,
-        "buffer_bytes": capacity * bytes_per_example(scenario.input_shape, scenario.num_classes, derpp)}
+        "buffer_bytes": capacity * bytes_per_example(stored_shape, scenario.num_classes, derpp)}
     return learner, plan_dict, plan

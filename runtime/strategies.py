@@ -25,6 +25,7 @@ from .buffer import ReplayBuffer
 from .channel_sparcl import STRUCTURES, ChannelDGM, ChannelMasks
 from .engine import Engine
 from .flops import dense_training_flops, training_flops
+from .latent import LatentReplay
 from .sparcl import (DDRSchedule, DGM, ForgettingTracker, TDMSchedule, ddr_schedule, initial_mask, prune_and_regrow,
                      select_removal, tdm_schedule)
 
@@ -142,7 +143,9 @@ class Learner:
 
     Args:
         engine: any engine (portable, ort-training, torch reference); exported with masks on
-            the weights SparCL sparsifies.
+            the weights SparCL sparsifies. A `LatentReplay` (dense strategies only): the stream is
+            encoded by the frozen prefix once it is frozen, the buffer holds latents, and `end_task`
+            of its `freeze_after` task freezes the prefix.
         config: the strategy. buffer: the replay buffer (ER / DER++), else None.
         rng: generator for masks' regrowth and replay sampling order.
     """
@@ -151,6 +154,12 @@ class Learner:
         if config.uses_buffer and buffer is None:
             raise ValueError(f"{config.method.value} replays examples: pass a ReplayBuffer")
         self.engine, self.config, self.buffer, self.rng = engine, config, buffer, rng
+        self.latent = engine if isinstance(engine, LatentReplay) else None
+        if self.latent is not None and config.sparcl is not None:
+            raise ValueError(f"{config.label} with latent replay; accepted: latent replay with a dense strategy "
+                             "(sparcl=None)")
+        if self.latent is not None and self.latent.buffer is not buffer:
+            raise ValueError("the LatentReplay engine was built with another buffer; accepted: the Learner's buffer")
         layers = engine.manifest.extra.get("layers", [])
         self.layers = layers
         s = config.sparcl
@@ -219,7 +228,10 @@ class Learner:
         self._refresh_flops()
 
     def end_task(self) -> None:
-        """Nothing to consolidate: replay happens online in `observe`."""
+        """Replay happens online in `observe`; with latent replay, the prefix freezes after its task."""
+        if self.latent is not None and self.task == self.latent.freeze_after:
+            self.latent.freeze()
+            self._refresh_flops()
 
     # --- one step -----------------------------------------------------------------------
     def observe(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray) -> float:
@@ -230,6 +242,9 @@ class Learner:
         """
         n = len(x)
         c = self.config
+        encode_flops = self.latent.encode_flops_per_sample * n if self.latent is not None else 0.0
+        if self.latent is not None:  # what the active engine trains on and the buffer stores
+            x = self.latent.encode(x)
         xs, ys, sw, tl, lw = [x], [y], [np.full(n, 1.0 / n, np.float32)], [np.zeros((n, self.k), np.float32)], [
             np.zeros(n, np.float32)]
         if c.uses_buffer and len(self.buffer) > 0:
@@ -269,8 +284,8 @@ class Learner:
                             task=self.task)
         self.step += 1
         samples = len(batch_x)
-        self.train_flops += samples * self._flops_per_sample
-        self.dense_train_flops += samples * self._dense_flops_per_sample
+        self.train_flops += samples * self._flops_per_sample + encode_flops
+        self.dense_train_flops += samples * self._dense_flops_per_sample + encode_flops
         return loss
 
     @property
@@ -289,6 +304,7 @@ class Learner:
         min(weight density, DGM density) before the first gradient mask exists; without DGM
         it is the weight density.
         """
+        self.layers = self.engine.manifest.extra.get("layers", [])  # the suffix's, once latent replay froze
         if not self.layers:
             self._flops_per_sample = self._dense_flops_per_sample = 0.0
             return
