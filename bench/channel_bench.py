@@ -43,12 +43,13 @@ def check_densities(values, flag: str = "--channel-density") -> tuple[float, ...
     Raises:
         ValueError: naming `flag`, the value and what is accepted.
     """
+    sep = " " if flag.startswith("--") else "="  # a flag, or a config field
     values = tuple(values)
     for d in values:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
-            raise ValueError(f"{flag} {d!r}; accepted: numbers in (0, 1], e.g. 1,0.75,0.5,0.25")
+            raise ValueError(f"{flag}{sep}{d!r}; accepted: numbers in (0, 1], e.g. 1,0.75,0.5,0.25")
     if not values or len(set(values)) != len(values):
-        raise ValueError(f"{flag} {list(values)}; accepted: one or more distinct numbers in (0, 1]")
+        raise ValueError(f"{flag}{sep}{list(values)}; accepted: one or more distinct numbers in (0, 1]")
     return tuple(float(d) for d in values)
 
 

@@ -130,7 +130,7 @@ def _channel_report(model, input_shape, artifacts, sparsity, batch, replay, exam
         if channels is not None:
             raise ValueError(f"channel_density={channel_density!r} with channels={str(channels)!r}: both say which "
                              "channels are active; accepted: one or the other")
-        (channel_density,) = check_densities((channel_density,))
+        (channel_density,) = check_densities((channel_density,), "channel_density")
     if sparsity.weight_sparsity or sparsity.grad_density != 1.0:
         raise ValueError(f"weight sparsity {sparsity.weight_sparsity:g} / grad density {sparsity.grad_density:g} "
                          "with channel densities: a channel-structured graph's work is its active channels (its "
