@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -223,7 +224,7 @@ class ChannelRow:
     flops_ratio: float  # counted FLOPs of the phase (training step: all of it; infer: forward) / dense
 
 
-def _structured_export(prepared, net, cache_dir: Path) -> Path:
+def _structured_export(prepared, net) -> Path:
     """The structured portable export next to bench's dense one (reused when it is there and intact)."""
     import torch
 
@@ -261,8 +262,8 @@ def measure_channel_latency(config, cache_dir=None):
     from .fresh_process import prepare
     from .latency import LatencyResult, LatencyRow, interleaved_ms, summary_ms
 
-    if "torch" not in __import__("sys").modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it once, when torch loads it
     policy = os.environ.get("OMP_WAIT_POLICY", "libgomp default (spinning)")
     subject = config.subject
     plan = model_channel_plan(subject, config.seed)  # the checks first: nothing is exported yet
@@ -270,10 +271,9 @@ def measure_channel_latency(config, cache_dir=None):
     if config.channels is not None:
         choices.append(file_choice(plan, config.channels))
     dense_flops = training_run_flops(plan.layers, batch=config.batch, examples_per_epoch=config.batch).step
-    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="edgecl-latency-") as tmp:
         prepared = prepare(subject, config.batch, ("portable",), cache_dir or tmp, config.seed)
-        structured = _structured_export(prepared, prepared.torch_model, Path(cache_dir or tmp))
+        structured = _structured_export(prepared, prepared.torch_model)
         with np.load(prepared.batch_file) as z:
             x, y = z["x"], z["y"]
         engines = {"dense": open_engine(prepared.artifacts["portable"], threads=config.threads)}
@@ -286,6 +286,7 @@ def measure_channel_latency(config, cache_dir=None):
                 engine.set_channels(chosen)
             engines[choice.label] = engine
         rows, channel_rows = [], []
+        load_before = os.getloadavg()[0]
         for phase in config.phases:
             calls = {n: (lambda e=e: e.step(x, y)) if phase == "train" else (lambda e=e: e.evaluate(x))
                      for n, e in engines.items()}
@@ -300,7 +301,7 @@ def measure_channel_latency(config, cache_dir=None):
                 med, iqr = stats[choice.label]
                 channel_rows.append(ChannelRow(choice.label, phase, choice.density, choice.file, choice.active,
                                                med, iqr, med / dense_ms, ratio))
-    load = (load_before, os.getloadavg()[0])
+        load = (load_before, os.getloadavg()[0])
     return LatencyResult(config, tuple(rows), (), policy, channels=tuple(channel_rows), load_average=load)
 
 

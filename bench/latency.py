@@ -8,6 +8,10 @@ ranges summarise the calls. Cold start is timed in fresh processes (see
 training step, a runtime-only process (torch never imported, checked in the child) against
 a torch-eager one, repeated and summarised by the median.
 
+With channel densities (`LatencyConfig.channel_density` / `channels`, `--channel-density`,
+`--channels`) the portable engine's dense step is timed against a channel-structured export's
+at each density, interleaved the same way (`edgecl.bench.channel_bench`).
+
 Every row is `source: "measured"` on `target` ("host" unless labelled otherwise); rows
 projected for a device profile by the roofline (`--device NAME`) say `source: "projected"`
 and are never mixed into the measured ratios.
@@ -316,7 +320,9 @@ def measure_latency(config: LatencyConfig = LatencyConfig(), cache_dir=None) -> 
 
     Returns:
         LatencyResult: measured rows per engine and phase (ms; ratios to torch eager when
-        "torch" is among the engines), cold-start detail, projected rows for config.device.
+        "torch" is among the engines), cold-start detail, projected rows for config.device;
+        with channel densities, the dense portable rows and the channel rows
+        (`edgecl.bench.channel_bench.measure_channel_latency`).
     Raises:
         ValueError: a device profile that does not exist; a cache_dir with `config.artifacts`, or one
             that is an export itself (`edgecl.bench.subject.check_cache_dir`). RuntimeError: a fresh

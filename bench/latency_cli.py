@@ -126,6 +126,10 @@ def _latency(args) -> int:
     from .latency import LatencyConfig, format_table, measure_latency, to_csv
 
     refuse_with_artifacts(args)
+    if args.csv and (args.channel_density is not None or args.channels is not None):
+        given = "--channel-density" if args.channel_density is not None else "--channels"
+        raise ValueError(f"--csv with {given}: the channel rows have columns of their own (vs dense, FLOPs vs "
+                         "dense); accepted: the table (default) or --json")
     densities = None
     if args.channel_density is not None:
         from .channel_bench import parse_densities

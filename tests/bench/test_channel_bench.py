@@ -216,5 +216,7 @@ def test_cli_flops_and_latency(capsys, exports):
     assert "--channel-density 1.5; accepted: numbers in (0, 1]" in capsys.readouterr().err
     assert bench_cli.main(["latency", "--model", "cnn-s2", "--channel-density", "0.5", "--engines", "ort-training"]) == 2
     assert "--engines" in capsys.readouterr().err
+    assert bench_cli.main(["latency", "--model", "cnn-s2", "--channels", "c.json", "--csv"]) == 2
+    assert "--csv with --channels" in capsys.readouterr().err
     assert bench_cli.main(["flops", "--model", "cnn-s2", "--channel-density", "2"]) == 2
     assert "--channel-density: channel_density=2.0" in capsys.readouterr().err
