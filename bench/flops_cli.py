@@ -32,6 +32,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--all-sparse", action="store_true", help="sparsify the first and last layer too")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--channel-density", type=float, default=None, metavar="D",
+                   help="count a channel-structured graph (export structure='channel') with this share in (0, 1] "
+                   "of every channel set active: the products of the narrowed tensors")
+    p.add_argument("--channels", default=None, metavar="FILE",
+                   help="instead, the active channels of a file: an engine state .npz (Engine.save, a checkpoint's "
+                   "engine.npz) or JSON {set: [indices]}")
     p.add_argument("--device", help="a profile name (bench devices): add its PROJECTED roofline latency")
     p.add_argument("--profile", action="append", default=[], help="a user profile TOML file (repeatable)")
     fmt = p.add_mutually_exclusive_group()
@@ -86,7 +92,7 @@ def _flops(args) -> int:
         device = _profiles(args.profile, with_host=args.device == "host").get(args.device)
     report = flops_report(model, shape, args.artifacts, sparsity, args.batch, args.replay, args.examples,
                           args.epochs, args.tasks, OptimizerConfig(args.optimizer, momentum=args.momentum), device,
-                          NUM_CLASSES if args.classes is None else args.classes)
+                          NUM_CLASSES if args.classes is None else args.classes, args.channel_density, args.channels)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.csv:

@@ -8,6 +8,10 @@ ranges summarise the calls. Cold start is timed in fresh processes (see
 training step, a runtime-only process (torch never imported, checked in the child) against
 a torch-eager one, repeated and summarised by the median.
 
+With channel densities (`LatencyConfig.channel_density` / `channels`, `--channel-density`,
+`--channels`) the portable engine's dense step is timed against a channel-structured export's
+at each density, interleaved the same way (`edgecl.bench.channel_bench`).
+
 Every row is `source: "measured"` on `target` ("host" unless labelled otherwise); rows
 projected for a device profile by the roofline (`--device NAME`) say `source: "projected"`
 and are never mixed into the measured ratios.
@@ -46,11 +50,15 @@ class LatencyConfig:
         repeats: timed calls per engine and phase. warmup: untimed calls before them.
         cold_starts: fresh processes per engine (0: no cold-start rows).
         engines: names among ENGINES (None: all; with `artifacts`: the export's own engine, the only
-            one accepted); ratios need "torch". phases: among PHASES.
+            one accepted; with channels: portable, the only one accepted); ratios need "torch".
+        phases: among PHASES (None: all of them; with channels: train and infer).
         target: label of the machine measured. device: a device profile name for projected rows.
         runtime_python: interpreter for the runtime-only children (default: this one).
         num_classes: logits width (None: 10, the manifest's with `artifacts`).
         artifacts: the user's export to bench as it is (read only, no torch needed), instead of a model.
+        channel_density: shares in (0, 1] of every channel set (`edgecl.bench.channel_bench`): one row
+            each, a channel-structured export's step against the dense portable one. channels: a file
+            of active channels (an engine state .npz or JSON {set: [indices]}) for one more row.
     Raises:
         ValueError: naming the bad field and what is accepted; `artifacts` with a model, or with an
             input_shape, num_classes or engines other than its manifest's, naming both.
@@ -65,16 +73,21 @@ class LatencyConfig:
     warmup: int = 5
     cold_starts: int = 3
     engines: tuple | None = None
-    phases: tuple = PHASES
+    phases: tuple | None = None
     target: str = "host"
     device: str | None = None
     seed: int = 0
     runtime_python: str | None = None
     num_classes: int | None = None
     artifacts: str | None = None
+    channel_density: tuple | None = None
+    channels: str | None = None
 
     def __post_init__(self):
-        resolve_config_fields(self, ENGINES)
+        narrowed = self.channel_density is not None or self.channels is not None
+        resolve_config_fields(self, ("portable",) if narrowed and self.artifacts is None else ENGINES)
+        if self.phases is None:
+            object.__setattr__(self, "phases", ("train", "infer") if narrowed else PHASES)
         object.__setattr__(self, "engines", check_engines(self.engines))
         check_seed_and_python(self.seed, self.runtime_python)
         for name, low in (("batch", 1), ("threads", 1), ("repeats", 1), ("warmup", 0), ("cold_starts", 0)):
@@ -90,6 +103,10 @@ class LatencyConfig:
         if self.serial_port is not None and not self.serial_port:
             raise ValueError(f"device={self.device!r}; accepted: serial:PORT with a pyserial URL "
                              "(serial:/dev/ttyUSB0, serial:socket://host:4000) or a device profile name")
+        if narrowed:  # after the phases: cold starts are refused there
+            from .channel_bench import check_channel_config
+
+            check_channel_config(self)
         if self.serial_port is not None and self.artifacts is not None and self.engines != ("portable",):
             raise ValueError(f"engines={list(self.engines)} with device={self.device!r}: the board trains with the "
                              "portable engine; accepted: artifacts exported for it")
@@ -109,6 +126,7 @@ class LatencyConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["input_shape"], d["engines"], d["phases"] = list(self.input_shape), list(self.engines), list(self.phases)
+        d["channel_density"] = None if self.channel_density is None else list(self.channel_density)
         return d
 
 
@@ -150,13 +168,17 @@ class ColdStartDetail:
 
 @dataclasses.dataclass(frozen=True)
 class LatencyResult:
-    """Result of `measure_latency`: rows (measured, then projected), cold-start detail, conditions."""
+    """Result of `measure_latency`: rows (measured, then projected), cold-start detail, conditions;
+    with channel densities, `channels` (`edgecl.bench.channel_bench.ChannelRow`s against the dense
+    portable rows) and the 1-minute load average before and after."""
 
     config: LatencyConfig
     rows: tuple
     cold_start: tuple
     omp_wait_policy: str
     projection_note: str = ""
+    channels: tuple = ()
+    load_average: tuple | None = None
 
     def row(self, engine: str, phase: str, source: str = "measured") -> LatencyRow:
         """The row of `engine` and `phase`.
@@ -173,7 +195,9 @@ class LatencyResult:
     def to_dict(self) -> dict:
         return {"kind": "latency", "rows": [dataclasses.asdict(r) for r in self.rows], **self.config.to_dict(),
                 "cold_start_detail": [dataclasses.asdict(c) for c in self.cold_start],
-                "omp_wait_policy": self.omp_wait_policy, "projection_note": self.projection_note}
+                "omp_wait_policy": self.omp_wait_policy, "projection_note": self.projection_note,
+                **({"channels": [dataclasses.asdict(r) for r in self.channels],
+                    "load_average": list(self.load_average)} if self.channels else {})}
 
 
 def interleaved_ms(calls: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -193,7 +217,7 @@ def interleaved_ms(calls: dict, warmup: int, repeats: int) -> dict[str, list[flo
     return times
 
 
-def _summary(samples: list[float]) -> tuple[float, float]:
+def summary_ms(samples: list[float]) -> tuple[float, float]:
     q25, q75 = np.percentile(samples, [25, 75])
     return float(statistics.median(samples)), float(q75 - q25)
 
@@ -218,7 +242,7 @@ def _open_engines(config: LatencyConfig, prepared) -> dict:
 
 
 def _rows(config: LatencyConfig, phase: str, times: dict[str, list[float]]) -> list[LatencyRow]:
-    summary = {name: _summary(t) for name, t in times.items()}
+    summary = {name: summary_ms(t) for name, t in times.items()}
     base = summary.get("torch", (None,))[0]
     return [LatencyRow(config.subject.label, name, config.target, "measured", phase, med, iqr,
                        med / base if base else None) for name, (med, iqr) in summary.items()]
@@ -296,13 +320,19 @@ def measure_latency(config: LatencyConfig = LatencyConfig(), cache_dir=None) -> 
 
     Returns:
         LatencyResult: measured rows per engine and phase (ms; ratios to torch eager when
-        "torch" is among the engines), cold-start detail, projected rows for config.device.
+        "torch" is among the engines), cold-start detail, projected rows for config.device;
+        with channel densities, the dense portable rows and the channel rows
+        (`edgecl.bench.channel_bench.measure_channel_latency`).
     Raises:
         ValueError: a device profile that does not exist; a cache_dir with `config.artifacts`, or one
             that is an export itself (`edgecl.bench.subject.check_cache_dir`). RuntimeError: a fresh
             process failed.
     """
     cache_dir = check_cache_dir(cache_dir, config.subject)  # before measuring: exports are kept there
+    if config.channels is not None or config.channel_density is not None:
+        from .channel_bench import measure_channel_latency
+
+        return measure_channel_latency(config, cache_dir)
     if config.serial_port is not None:
         return _measure_on_board(config, cache_dir)
     if "torch" not in sys.modules:
@@ -371,6 +401,11 @@ def format_table(result: LatencyResult) -> str:
                          f"{d.first_step_ms:>12.0f}  {'yes' if d.torch_imported else 'no'}")
     if result.projection_note:
         lines += ["", result.projection_note]
+    if result.channels:
+        from .channel_bench import format_channel_rows
+
+        lines += ["", "channel-structured graph vs the dense portable graph (load average "
+                  f"{result.load_average[0]:.2f} -> {result.load_average[1]:.2f}):", *format_channel_rows(result.channels)]
     return "\n".join(lines)
 
 

@@ -67,8 +67,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--repeats", type=int, default=50, help="timed calls per engine and phase")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh processes per engine (0: none)")
-    p.add_argument("--phases", default="train,infer,cold_start", help="comma-separated: train, infer, cold_start")
+    p.add_argument("--phases", default=None, help="comma-separated: train, infer, cold_start (default: all; with "
+                   "channels: train,infer)")
     p.add_argument("--device", default=None, help="a device profile name: adds rows projected by the roofline")
+    p.add_argument("--channel-density", default=None, metavar="D[,D...]",
+                   help="shares in (0, 1] of every channel set, e.g. 1,0.75,0.5,0.25: a channel-structured export's "
+                   "step per density (its largest channels by sum |w|) against the dense portable step, with the "
+                   "counted FLOPs ratio (portable engine only)")
+    p.add_argument("--channels", default=None, metavar="FILE",
+                   help="active channels for one more such row: an engine state .npz (Engine.save, a checkpoint's "
+                   "engine.npz) or JSON {set: [indices]}")
     p.set_defaults(func=_latency)
 
     p = sub.add_parser("memory", help="peak resident memory of a training run in a fresh process per engine")
@@ -118,9 +126,19 @@ def _latency(args) -> int:
     from .latency import LatencyConfig, format_table, measure_latency, to_csv
 
     refuse_with_artifacts(args)
+    if args.csv and (args.channel_density is not None or args.channels is not None):
+        given = "--channel-density" if args.channel_density is not None else "--channels"
+        raise ValueError(f"--csv with {given}: the channel rows have columns of their own (vs dense, FLOPs vs "
+                         "dense); accepted: the table (default) or --json")
+    densities = None
+    if args.channel_density is not None:
+        from .channel_bench import parse_densities
+
+        densities = parse_densities(args.channel_density)
     config = LatencyConfig(args.model, _shape(args.input_shape), args.batch, args.threads, args.repeats,
                            args.warmup, args.cold_starts, _engines(args.engines), _engines(args.phases),
-                           args.target, args.device, args.seed, args.runtime_python, args.classes, args.artifacts)
+                           args.target, args.device, args.seed, args.runtime_python, args.classes, args.artifacts,
+                           densities, args.channels)
     result = measure_latency(config, args.cache)
     print(json.dumps(result.to_dict(), indent=2) if args.json else to_csv(result) if args.csv
           else format_table(result))

@@ -84,7 +84,7 @@ class ChannelMasks:
         return total
 
     def _counts(self) -> dict[str, int]:
-        return {s: max(1, keep_count(n, self.density)) for s, n in self.sets.items()}
+        return active_counts(self.sets, self.density)
 
     def initial(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """The first active channels: the largest by sum |w| (ties at random), set on the engine."""
@@ -115,6 +115,11 @@ class ChannelMasks:
         """Weight name -> share of its dense products the structured graph computes (rows x columns)."""
         return computed_densities(self.layers, self.gathers, self.sets,
                                   {s: len(v) for s, v in self.engine.channels().items()})
+
+
+def active_counts(sets: Mapping[str, int], density: float) -> dict[str, int]:
+    """Channels of each set kept at `density`: round half up, at least one."""
+    return {s: max(1, keep_count(n, density)) for s, n in sets.items()}
 
 
 def computed_densities(layers, gathers: Mapping, sets: Mapping[str, int], active: Mapping[str, int]) -> dict[str, float]:

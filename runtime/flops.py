@@ -310,7 +310,8 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
 
 def training_run_flops(layers: Sequence[Mapping], sparsity: SparsityConfig = SparsityConfig(), batch: int = 32,
                        replay: int = 0, examples_per_epoch: int = 12_000, epochs: int = 1, tasks: int = 1,
-                       optimizer: OptimizerConfig = OptimizerConfig()) -> TrainingFlops:
+                       optimizer: OptimizerConfig = OptimizerConfig(),
+                       computed_density: Mapping[str, float] | None = None) -> TrainingFlops:
     """Training FLOPs per step, per epoch and per run, per layer and phase, under `sparsity`.
 
     Args:
@@ -320,10 +321,16 @@ def training_run_flops(layers: Sequence[Mapping], sparsity: SparsityConfig = Spa
             replay batch; DER++: twice it).
         examples_per_epoch: stream examples of one epoch before DDR. epochs: per task. tasks: >= 1.
         optimizer: counts its element-wise update per step.
+        computed_density: weight name -> share of its products a channel-structured graph computes
+            (`edgecl.runtime.channel_sparcl.computed_densities`; missing: 1), as the learner counts
+            it: forward, input- and weight-gradient products and the updated entries all scale by
+            it. It takes the place of the unstructured weight sparsity and gradient density.
     Returns:
         TrainingFlops (forward, input-grad, weight-grad, optimizer per layer, in FLOPs).
     Raises:
-        ValueError: a count below its minimum; KeyError: a table row without a needed field.
+        ValueError: a count below its minimum, a computed density outside [0, 1] or given with a
+            weight sparsity or gradient density; KeyError: a table row without a needed field or
+            a computed density of no layer.
     """
     _positive_int("batch", batch)
     _positive_int("replay", replay, 0)
@@ -333,6 +340,12 @@ def training_run_flops(layers: Sequence[Mapping], sparsity: SparsityConfig = Spa
     if not isinstance(sparsity, SparsityConfig):
         raise ValueError(f"sparsity={sparsity!r}; accepted: a SparsityConfig")
     wd, gd = sparsity.densities(layers)
+    if computed_density is not None:
+        if sparsity.weight_sparsity or sparsity.grad_density != 1.0:
+            raise ValueError(f"computed_density with weight_sparsity={sparsity.weight_sparsity!r}, grad_density="
+                             f"{sparsity.grad_density!r}: a channel-structured graph's work is its active channels "
+                             "(DGM there saves no product); accepted: one or the other")
+        wd = gd = _check_densities("computed_density", computed_density, _check_layers(layers))
     frozen = set(sparsity.frozen)
     update = gd  # the entries updated are those with a gradient: active and kept by DGM
     kept = round(examples_per_epoch * (1.0 - sparsity.data_removal))

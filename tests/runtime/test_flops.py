@@ -150,6 +150,24 @@ def test_training_run_flops_literal_step_epoch_run():
     assert d["run"]["optimizer"] == r.run.optimizer and d["sparsity"]["weight_sparsity"] == 0.75
 
 
+def test_computed_density_scales_every_layer_and_its_updates():
+    """A channel-structured graph's shares, the stem and classifier included (not SparCL's dense ends)."""
+    share = {"0.weight": 0.5, "2.weight": 0.25, "4.weight": 0.5}
+    r = training_run_flops(TABLE, batch=4, examples_per_epoch=4, computed_density=share).step
+    rows = {row.weight: row for row in r.layers}
+    assert (rows["0.weight"].forward, rows["0.weight"].input_grad) == (2 * 100 * 4 * 0.5, 0.0)
+    assert (rows["2.weight"].forward, rows["2.weight"].weight_grad) == (2 * 1000 * 4 * 0.25, 2 * 1000 * 4 * 0.25)
+    assert rows["2.weight"].optimizer == 2 * (20 * 0.25 + 5) and rows["4.weight"].optimizer == 2 * 10 * 0.5
+    ones = training_run_flops(TABLE, batch=4, examples_per_epoch=4, computed_density=dict.fromkeys(share, 1.0))
+    assert ones.step.to_dict() == training_run_flops(TABLE, batch=4, examples_per_epoch=4).step.to_dict()
+    with pytest.raises(ValueError, match="computed_density with weight_sparsity=0.5"):
+        training_run_flops(TABLE, SparsityConfig(0.5), computed_density=share)
+    with pytest.raises(ValueError, match=r"computed_density\['2.weight'\] = 1.5"):
+        training_run_flops(TABLE, computed_density={"2.weight": 1.5})
+    with pytest.raises(KeyError, match="computed_density names \\['9.weight'\\]"):
+        training_run_flops(TABLE, computed_density={"9.weight": 0.5})
+
+
 def test_dense_run_without_optimizer_work_is_the_sparcl_count():
     r = training_run_flops(TABLE, batch=10, examples_per_epoch=50)
     assert r.epoch.total - r.epoch.optimizer == dense_training_flops(TABLE, 50).total
