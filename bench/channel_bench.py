@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecl.bench.latency_rows import LatencyResult, LatencyRow, interleaved_ms, summary_ms
 from edgecl.runtime.channel_sparcl import active_counts, computed_densities
 from edgecl.runtime.channels import check_channels
 from edgecl.runtime.errors import UnsupportedModelError
@@ -260,7 +261,6 @@ def measure_channel_latency(config, cache_dir=None):
     from edgecl.runtime.channel_sparcl import ChannelMasks
 
     from .fresh_process import prepare
-    from .latency import LatencyResult, LatencyRow, interleaved_ms, summary_ms
 
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it once, when torch loads it
