@@ -192,7 +192,10 @@ def summarize(out_dir, reference: str = "derpp") -> list[dict]:
 
         flops = np.mean([r["train_flops"] for r in rs])
         label = rs[0]["config"].get("label", strategy)
-        engine = rs[0]["config"].get("job", {}).get("engine", "portable")
+        job = rs[0]["config"].get("job", {})
+        engine = job.get("engine", "portable")
+        if job.get("width") is not None:  # a narrower (or wider) network of the family: the label says which
+            label = f"{label} (width {job['width']})"
         rows.append({"strategy": strategy, "label": label if engine == "portable" else f"{label} ({engine})",
                      "seeds": len(rs),
                      "acc": stat("acc", 100), "task_il_acc": stat("task_il_acc", 100),

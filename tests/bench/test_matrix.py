@@ -88,3 +88,12 @@ def test_wall_time_is_compared_with_the_reference_run_of_the_same_seed(tmp_path)
     assert rows["sparcl-derpp-ch-0.50"]["wall_vs_reference"] == pytest.approx(0.5)  # median of 0.4, 0.5, 0.6
     assert rows["derpp"]["wall_vs_reference"] == 1.0
     assert "0.50x (2.00x faster)" in markdown_table(list(rows.values()))
+
+
+def test_a_narrower_network_is_labelled_with_its_width(tmp_path):
+    (tmp_path / "runs").mkdir()
+    run = {k: 0.0 for k in ("acc", "task_il_acc", "forgetting", "bwt", "dense_train_flops", "peak_rss_bytes")}
+    run.update(acc_matrix=[[1.0]], train_flops=1.0, wall_s=1.0,
+               config={"label": "DER++", "job": {"seed": 0, "engine": "portable", "width": 7}})
+    (tmp_path / "runs" / "derpp-w7-seed0.json").write_text(json.dumps(run))
+    assert summarize(tmp_path)[0]["label"] == "DER++ (width 7)"
