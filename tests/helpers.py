@@ -161,3 +161,23 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL in the middle of a run."""
+
+
+class DyingLearner:
+    """Mixed into a Learner (`dying(Learner)`): raises Killed at the start of step `die_at_step`."""
+
+    die_at_step: int | None = None
+
+    def observe(self, x, y, indices):
+        if self.step == self.die_at_step:
+            raise Killed
+        return super().observe(x, y, indices)
+
+
+def dying(learner_cls):
+    """`learner_cls` that dies at `die_at_step` (a subclass with DyingLearner in front)."""
+    return type(f"Dying{learner_cls.__name__}", (DyingLearner, learner_cls), {})

@@ -18,7 +18,7 @@ from edgecl.runtime.manifest import load_manifest
 from edgecl.runtime.optim import OptimizerConfig
 from edgecl.runtime.scenarios import Scenario, digits_scenario
 from edgecl.runtime.strategies import Learner, StrategyConfig
-from tests.helpers import make_model, rel_err
+from tests.helpers import Killed, dying, make_model, rel_err
 
 CASES = [("cnn", "2"), ("cnn", "5"), ("resnet", "stem"), ("resnet", "layers.1")]
 
@@ -128,17 +128,7 @@ def test_the_planner_counts_the_latent_bytes(split_exports):
         // latent.replay_example_bytes < raw.replay_capacity
 
 
-class Killed(Exception):
-    """Stands for a SIGKILL in the middle of a run."""
-
-
-class DyingLearner(Learner):
-    die_at_step: int | None = None
-
-    def observe(self, x, y, indices):
-        if self.step == self.die_at_step:
-            raise Killed
-        return super().observe(x, y, indices)
+DyingLearner = dying(Learner)
 
 
 @pytest.mark.parametrize("die_at", [10, 22])  # before the freeze (task 0 has 18 steps) and after it

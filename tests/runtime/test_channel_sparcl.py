@@ -15,7 +15,7 @@ from edgecl.runtime.optim import OptimizerConfig
 from edgecl.runtime.scenarios import Scenario, digits_scenario
 from edgecl.runtime.sparcl import keep_count
 from edgecl.runtime.strategies import Learner, SparCLConfig, StrategyConfig
-from tests.helpers import IN_SHAPE, make_model
+from tests.helpers import IN_SHAPE, Killed, dying, make_model
 
 pytestmark = pytest.mark.torch  # the structured graphs are exported here
 
@@ -178,17 +178,7 @@ def tiny():
     return Scenario("split-digits-2", full.tasks[:2], full.num_classes, full.kind)
 
 
-class Killed(Exception):
-    pass
-
-
-class DyingLearner(Learner):
-    die_at_step = None
-
-    def observe(self, x, y, indices):
-        if self.step == self.die_at_step:
-            raise Killed
-        return super().observe(x, y, indices)
+DyingLearner = dying(Learner)
 
 
 def test_a_killed_structured_run_resumes_to_the_uninterrupted_one(structured, tiny, tmp_path):

@@ -15,6 +15,7 @@ from edgecl.runtime.metrics import average_accuracy, backward_transfer, forgetti
 from edgecl.runtime.optim import OptimizerConfig
 from edgecl.runtime.scenarios import digits_scenario
 from edgecl.runtime.strategies import Learner, SparCLConfig, StrategyConfig
+from tests.helpers import Killed, dying
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +112,7 @@ TINY = RunConfig(epochs=2, batch_size=32, seed=0, checkpoint_every=4)
 TINY_STRATEGY = StrategyConfig("er", sparcl=SparCLConfig(sparsity=0.75))
 
 
-class Killed(Exception):
-    """Stands for a SIGKILL in the middle of a run."""
-
-
-class DyingLearner(Learner):
-    die_at_step: int | None = None
-
-    def observe(self, x, y, indices):
-        if self.step == self.die_at_step:
-            raise Killed
-        return super().observe(x, y, indices)
+DyingLearner = dying(Learner)
 
 
 @pytest.fixture(scope="module")
