@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import BatchError
 from .memory import check_fits
+from .sizes import parse_bytes
 
 X_DTYPE = np.dtype(np.float32)
 Y_DTYPE = np.dtype(np.int64)
@@ -83,14 +84,16 @@ class ReplayBuffer:
         self.y = np.zeros(self.capacity, Y_DTYPE)
         self.logits = np.zeros((self.capacity, self.num_classes if self.store_logits else 0), LOGITS_DTYPE)
         self.task = np.zeros(self.capacity, TASK_DTYPE)
+        self.changed = np.zeros(self.capacity, bool)  # slots written since `take_changed` (incremental saves)
 
     @classmethod
-    def from_bytes(cls, budget_bytes: int, sample_shape: tuple[int, ...], num_classes: int,
+    def from_bytes(cls, budget_bytes: int | str, sample_shape: tuple[int, ...], num_classes: int,
                    rng: np.random.Generator, store_logits: bool = True) -> ReplayBuffer:
         """The largest buffer whose storage fits in `budget_bytes`.
 
         Args:
-            budget_bytes: bytes available for the buffer's arrays.
+            budget_bytes: bytes available for the buffer's arrays: an int, or a size such as "2MiB"
+                (`edgecl.runtime.parse_bytes`, as everywhere a budget is taken).
             sample_shape, num_classes, rng, store_logits: as in the constructor.
         Returns:
             a buffer of capacity budget_bytes // bytes_per_example(...).
@@ -98,8 +101,10 @@ class ReplayBuffer:
             ValueError: the budget is negative or smaller than one example (the message
                 names the bytes one example needs).
         """
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
-            raise ValueError(f"budget_bytes={budget_bytes!r}; accepted: an integer >= 0 (bytes)")
+        try:
+            budget_bytes = parse_bytes(budget_bytes)
+        except ValueError as e:
+            raise ValueError(f"budget_bytes={budget_bytes!r}: {e}") from None
         per_example = bytes_per_example(sample_shape, num_classes, store_logits)
         capacity = int(budget_bytes) // per_example
         if capacity < 1:
@@ -150,7 +155,15 @@ class ReplayBuffer:
         self.task[target] = task[keep]
         if self.store_logits:
             self.logits[target] = logits[keep]
+        self.changed[target] = True
         self.seen += n
+
+    def take_changed(self) -> np.ndarray:
+        """The slots written since the last call (sorted int64), and forget them: what an incremental
+        save (`edgecl.runtime.buffer_log`) appends."""
+        slots = np.flatnonzero(self.changed)
+        self.changed[:] = False
+        return slots
 
     def sample(self, n: int, rng: np.random.Generator | None = None):
         """Draw n distinct stored examples uniformly (without replacement).
@@ -194,6 +207,7 @@ class ReplayBuffer:
             except BatchError as e:
                 raise ValueError(str(e)) from None
         self.x, self.sample_shape = x, sample_shape
+        self.changed[: len(self)] = True
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Flat `buffer::<name>` arrays for a checkpoint: stored examples, `seen` and the generator state."""
@@ -254,6 +268,8 @@ class ReplayBuffer:
         self.task[:size] = arrays["buffer::task"]
         if self.store_logits:
             self.logits[:size] = arrays["buffer::logits"]
+        self.changed[:] = False
+        self.changed[:size] = True
 
     def _check_batch(self, x, y, logits, task):
         shape = ", ".join(map(str, self.sample_shape))

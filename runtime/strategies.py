@@ -204,27 +204,46 @@ class Learner:
         s = self.config.sparcl
         if s is None:
             return
-        if self.channel_masks is not None:
-            if epoch == 0 and self.task == 0:  # the first channels: sum |w| top-k
-                self.channel_masks.initial(self.rng)
-            elif s.tdm and epoch in tdm_schedule(epochs_per_task, s.tdm_schedule) and self.last_grads:
-                self.channel_masks.update(self.last_grads, s.tdm_schedule.prune_ratio, self.rng)
-        elif epoch == 0 and self.task == 0:  # the first sparse mask: magnitude top-k
-            density = 1.0 - s.sparsity
-            params = self.engine.parameters()
-            self.engine.set_masks({n: initial_mask(params[n], density, self.rng) for n in self.sparse_names})
-        elif s.tdm and epoch in tdm_schedule(epochs_per_task, s.tdm_schedule) and self.last_grads:
-            params, masks = self.engine.parameters(), self.engine.masks()
-            self.engine.set_masks({
-                n: prune_and_regrow(params[n], self.last_grads[n], masks[n], 1.0 - s.sparsity,
-                                    s.tdm_schedule.prune_ratio, self.rng)
-                for n in self.sparse_names})
+        if epoch == 0 and self.task == 0:
+            self.initial_masks()
+        elif s.tdm and epoch in tdm_schedule(epochs_per_task, s.tdm_schedule):
+            self.update_masks()
         if s.ddr and self.tracker is not None:
             fraction = ddr_schedule(epochs_per_task, s.ddr_schedule).get(epoch)
             if fraction:
                 drop = select_removal(self.tracker.events, self.tracker.ever_learned, fraction, self.active)
                 self.active[drop] = False
                 self.tracker.reset()
+        self._refresh_flops()
+
+    def initial_masks(self) -> None:
+        """SparCL's first masks: magnitude top-k of each sparse weight (sum |w| per channel with
+        `structure="channel"`). Before this the engine trains with the masks it was exported with."""
+        s = self.config.sparcl
+        if s is None:
+            return
+        if self.channel_masks is not None:
+            self.channel_masks.initial(self.rng)
+        else:
+            density = 1.0 - s.sparsity
+            params = self.engine.parameters()
+            self.engine.set_masks({n: initial_mask(params[n], density, self.rng) for n in self.sparse_names})
+        self._refresh_flops()
+
+    def update_masks(self) -> None:
+        """One TDM update: prune the smallest active weights and regrow by the last gradients
+        (`sparcl.prune_and_regrow`, per channel with `structure="channel"`); nothing before a first step."""
+        s = self.config.sparcl
+        if s is None or not s.tdm or not self.last_grads:
+            return
+        if self.channel_masks is not None:
+            self.channel_masks.update(self.last_grads, s.tdm_schedule.prune_ratio, self.rng)
+        else:
+            params, masks = self.engine.parameters(), self.engine.masks()
+            self.engine.set_masks({
+                n: prune_and_regrow(params[n], self.last_grads[n], masks[n], 1.0 - s.sparsity,
+                                    s.tdm_schedule.prune_ratio, self.rng)
+                for n in self.sparse_names})
         self._refresh_flops()
 
     def end_task(self) -> None:
@@ -234,18 +253,26 @@ class Learner:
             self._refresh_flops()
 
     # --- one step -----------------------------------------------------------------------
-    def observe(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray) -> float:
+    def observe(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray | None = None) -> float:
         """One optimizer step on a stream batch (rows `indices` of the current task) plus replay.
+
+        `indices` is needed only by DDR (it counts forgetting events per example of the task); a
+        batch of 0 rows is a replay-only step.
 
         Returns:
             the loss before the step.
         """
+        if self.task < 0:
+            raise ValueError("observe before begin_task: call begin_task(task, n_examples) first (the task id the "
+                             "buffer records); an app without tasks uses edgecl.runtime.open_learner")
+        if self.tracker is not None and indices is None:
+            raise ValueError("DDR counts forgetting per example of the task: pass indices (the rows of x in the task)")
         n = len(x)
         c = self.config
         encode_flops = self.latent.encode_flops_per_sample * n if self.latent is not None else 0.0
         if self.latent is not None:  # what the active engine trains on and the buffer stores
             x = self.latent.encode(x)
-        xs, ys, sw, tl, lw = [x], [y], [np.full(n, 1.0 / n, np.float32)], [np.zeros((n, self.k), np.float32)], [
+        xs, ys, sw, tl, lw = [x], [y], [np.full(n, 1.0 / max(n, 1), np.float32)], [np.zeros((n, self.k), np.float32)], [
             np.zeros(n, np.float32)]
         if c.uses_buffer and len(self.buffer) > 0:
             m = min(c.replay_batch, len(self.buffer))

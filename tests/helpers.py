@@ -172,7 +172,7 @@ class DyingLearner:
 
     die_at_step: int | None = None
 
-    def observe(self, x, y, indices):
+    def observe(self, x, y, indices=None):
         if self.step == self.die_at_step:
             raise Killed
         return super().observe(x, y, indices)

@@ -234,6 +234,24 @@ def test_from_bytes_refuses_a_budget_below_one_example():
         ReplayBuffer.from_bytes(305, (1, 8, 8), 10, np.random.default_rng(0))
     with pytest.raises(ValueError, match="budget_bytes=-1"):
         ReplayBuffer.from_bytes(-1, (1, 8, 8), 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="budget_bytes='2 MeB'.*not understood"):
+        ReplayBuffer.from_bytes("2 MeB", (1, 8, 8), 10, np.random.default_rng(0))
+
+
+def test_from_bytes_takes_the_size_strings_of_plan_memory():
+    rng = np.random.default_rng(0)
+    assert ReplayBuffer.from_bytes("2MiB", (1, 8, 8), 10, rng).capacity == 2 * 1024**2 // 306
+    assert ReplayBuffer.from_bytes("100kB", (1, 8, 8), 10, rng).capacity == 100_000 // 306
+
+
+def test_take_changed_names_the_slots_written_since_the_last_call():
+    buffer = ReplayBuffer(4, SHAPE, K, np.random.default_rng(0), store_logits=False)
+    assert fill(buffer, [3]) == 3
+    assert buffer.take_changed().tolist() == [0, 1, 2]
+    assert buffer.take_changed().tolist() == []
+    fill(buffer, [50], start=3)  # full after one more: the rest replace random slots
+    changed = buffer.take_changed()
+    assert 3 in changed and set(changed.tolist()) <= {0, 1, 2, 3}
 
 
 # --- errors -------------------------------------------------------------------------
