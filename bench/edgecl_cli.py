@@ -33,7 +33,9 @@ def _export(args) -> int:
     if args.json:
         print(json.dumps(result.manifest.to_dict(), indent=2))
     else:
-        print(f"wrote {result.folder} ({result.manifest.engine})")
+        k = result.manifest.num_classes
+        print(f"wrote {result.folder} ({result.manifest.engine}); head: {k} classes, labels 0..{k - 1} (fixed at "
+              "export: for classes still to come, export with a larger --classes)")
         for name, entry in result.manifest.files.items():
             print(f"  {name:<24} {entry.bytes:>10,} B  sha256 {entry.sha256[:16]}")
     return 0

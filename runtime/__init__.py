@@ -10,6 +10,8 @@ from .errors import (ArtifactError, BatchError, CheckpointFormatError, ConfigMis
 from .loop import RunConfig, RunResult, run_scenario
 from .manifest import Manifest, TensorSpec, load_manifest
 from .optim import OptimizerConfig, OptimizerKind
+from .online import OnlineLearner, open_learner
+from .online_config import OnlineConfig
 from .open import open_engine
 from .scenarios import Scenario, Task, permuted_scenario, split_scenario
 from .strategies import Learner, Method, SparCLConfig, StrategyConfig
@@ -17,8 +19,8 @@ from .strategies import Learner, Method, SparCLConfig, StrategyConfig
 __all__ = [
     "ArtifactError", "Batch", "BatchError", "Checkpoint", "CheckpointFormatError", "CheckpointWriter",
     "ConfigMismatchError", "Dataset", "FolderBusyError", "EdgeclError", "Engine", "Learner", "Manifest",
-    "MemoryPlan", "Method", "OptimizerConfig", "OptimizerKind", "ReplayBuffer", "RunConfig", "RunResult", "Scenario",
+    "MemoryPlan", "Method", "OnlineConfig", "OnlineLearner", "OptimizerConfig", "OptimizerKind", "ReplayBuffer", "RunConfig", "RunResult", "Scenario",
     "SparCLConfig", "StrategyConfig", "Task", "TensorSpec", "UnsupportedModelError", "load_checkpoint",
-    "load_dataset", "load_manifest", "open_engine", "parse_bytes", "peak_rss_bytes", "permuted_scenario",
+    "load_dataset", "load_manifest", "open_engine", "open_learner", "parse_bytes", "peak_rss_bytes", "permuted_scenario",
     "plan_memory", "run_scenario", "save_checkpoint", "split_scenario",
 ]

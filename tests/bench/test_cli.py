@@ -22,7 +22,8 @@ def test_export_then_train_in_a_process_without_torch_learns(tmp_path):
 
 def test_export_then_train_subcommands(tmp_path, capsys):
     assert edgecl_cli.main(["export", "--model", "mlp", "--engine", "ort-training", "--out", str(tmp_path / "a")]) == 0
-    assert "training_model.onnx" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training_model.onnx" in out and "head: 10 classes, labels 0..9" in out
     assert edgecl_cli.main(["train", str(tmp_path / "a"), "--steps", "5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["engine"] == "ort-training" and len(result["losses"]) == 5
