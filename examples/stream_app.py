@@ -6,7 +6,7 @@ Needs only the runtime (numpy + onnxruntime, no torch):
     python examples/stream_app.py ARTIFACTS STATE STREAM.npz [--method derpp] [--sparsity 0.75] [--budget 8MiB]
 
 ARTIFACTS: a folder exported on the host, e.g.
-    edgecl export --model cnn --input-shape 1,8,8 --classes 10 --out artifacts
+    edgecl export --model cnn --input-shape 1x8x8 --classes 10 --masks --out artifacts
 STREAM.npz: `x` float32 (N, *input shape) and `y` integer (N,) in arrival order (here a file; in an app,
     a camera, a sensor, a user's corrections). STATE: the learner's folder; delete it to start anew.
 
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="derpp", choices=("finetune", "er", "derpp"))
     p.add_argument("--sparsity", type=float, default=None, help="SparCL weight sparsity (default: dense)")
     p.add_argument("--budget", default="8MiB", help="memory budget, e.g. 8MiB")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (0.1 suits 8x8 digits)")
+    p.add_argument("--replay-steps", type=int, default=1, help="replay-only steps after each learn step")
     p.add_argument("--save-every", type=int, default=20, help="learn calls between saves")
     p.add_argument("--report", type=int, default=200, help="samples between accuracy lines")
     p.add_argument("--seed", type=int, default=0, help="seed of the learner and of the group sizes")
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     with np.load(args.stream) as f:
         x, y = f["x"], f["y"]
     with open_learner(args.artifacts, args.state, method=args.method, sparsity=args.sparsity, budget=args.budget,
+                      lr=args.lr, replay_steps=args.replay_steps if args.method != "finetune" else 0,
                       seed=args.seed) as learner:
         start = learner.samples_seen
         print(f"state {args.state}: {start} of {len(x)} samples learned before; buffer of "
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
                       f"(last {total})", flush=True)
                 hits = total = 0
         learner.save()
-        print(f"samples {learner.samples_seen:>6}/{len(x)}  done", flush=True)
+        seen = (learner.predict(x) == y).mean()  # after the stream: how much of every class it still knows
+        print(f"samples {learner.samples_seen:>6}/{len(x)}  accuracy now over all {len(x)} samples {seen:.3f}", flush=True)
         if args.inference_model:
             print(f"wrote {learner.export_inference(args.inference_model)}")
     return 0
