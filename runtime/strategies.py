@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import warnings
 from enum import Enum
 
 import numpy as np
@@ -183,6 +184,7 @@ class Learner:
                 self.dgm = DGM(s.grad_density, s.dgm_every, self.sparse_names)
         self.task = -1
         self.step = 0
+        self.masks_ready = False  # SparCL's first masks set (initial_masks): until then the engine's are dense
         self.tracker: ForgettingTracker | None = None
         self.active: np.ndarray | None = None  # bool (n,), examples of the task still trained on
         self.last_grads: dict[str, np.ndarray] = {}
@@ -222,6 +224,7 @@ class Learner:
         s = self.config.sparcl
         if s is None:
             return
+        self.masks_ready = True
         if self.channel_masks is not None:
             self.channel_masks.initial(self.rng)
         else:
@@ -265,6 +268,10 @@ class Learner:
         if self.task < 0:
             raise ValueError("observe before begin_task: call begin_task(task, n_examples) first (the task id the "
                              "buffer records); an app without tasks uses edgecl.runtime.open_learner")
+        if self.config.sparcl is not None and self.step == 0 and not self.masks_ready:
+            warnings.warn(f"{self.config.label}: the first step runs before SparCL's first masks, so it trains "
+                          "dense; call begin_epoch(0, epochs) at task 0 (or initial_masks()) first", RuntimeWarning,
+                          stacklevel=2)
         if self.tracker is not None and indices is None:
             raise ValueError("DDR counts forgetting per example of the task: pass indices (the rows of x in the task)")
         n = len(x)

@@ -321,3 +321,19 @@ def test_fast_top_indices_is_the_stable_sort_set(scores, k):
 
     expected = np.sort(_ranked(scores)[:k])
     np.testing.assert_array_equal(_top_indices(scores, k), expected)
+
+
+def test_a_sparcl_step_before_the_first_masks_warns_that_it_trains_dense(exported):
+    from edgecl.runtime import OptimizerConfig, ReplayBuffer, open_engine
+    from edgecl.runtime.strategies import Learner, SparCLConfig, StrategyConfig
+
+    _, folder = exported("cnn")
+    engine = open_engine(folder, OptimizerConfig("sgd", lr=0.01), threads=1)
+    buffer = ReplayBuffer(50, (1, 8, 8), 10, np.random.default_rng(1))
+    learner = Learner(engine, StrategyConfig("derpp", sparcl=SparCLConfig(0.75)), buffer, np.random.default_rng(0))
+    x, y = np.zeros((4, 1, 8, 8), np.float32), np.arange(4)
+    with pytest.raises(ValueError, match="observe before begin_task"):
+        learner.observe(x, y, np.arange(4))
+    learner.begin_task(0, 4)
+    with pytest.warns(RuntimeWarning, match="before SparCL's first masks, so it trains dense"):
+        learner.observe(x, y, np.arange(4))
