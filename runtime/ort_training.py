@@ -89,7 +89,7 @@ class OrtTrainingEngine(Engine):
     def __init__(self, artifact_dir: Path, manifest: Manifest, optimizer: OptimizerConfig,
                  threads: int | None = None):
         super().__init__(manifest, optimizer)
-        self._dir = Path(artifact_dir)
+        self.artifact_dir = self._dir = Path(artifact_dir)
         extra = manifest.extra
         try:
             self._optimizer_file = self._dir / extra["optimizer_files"][optimizer.kind.value]
