@@ -40,7 +40,7 @@ MAX_MODEL_BYTES = 2**31 - 1  # protobuf parses no message longer (ONNX Runtime, 
 INPUT, LOGITS, PROBABILITIES = "x", "logits", "probabilities"
 PREFIX_SCOPE = "prefix/"  # the names of a latent-replay prefix inside the combined graph
 # ModelProto / GraphProto / NodeProto / ValueInfoProto / TensorProto / AttributeProto field numbers
-MODEL_IR, MODEL_GRAPH, MODEL_OPSET, MODEL_METADATA = 1, 7, 8, 14
+MODEL_GRAPH, MODEL_OPSET, MODEL_METADATA = 7, 8, 14
 GRAPH_NODE, GRAPH_INIT, GRAPH_INPUT, GRAPH_OUTPUT, GRAPH_VALUE_INFO = 1, 5, 11, 12, 13
 NODE_INPUT, NODE_OUTPUT, NODE_NAME, NODE_ATTRIBUTE = 1, 2, 3, 5
 VALUE_NAME, VALUE_TYPE, TENSOR_NAME = 1, 2, 8
@@ -96,12 +96,15 @@ class _Graph:
         return g
 
     def write(self) -> list:
-        """The graph's fields as chunks of bytes (joined once, by the caller)."""
-        out = [w.len_field(GRAPH_NODE, bytes(n)) for n in self.nodes]
-        out += [bytes(f) for f in self.other]
+        """The graph's fields as chunks of bytes, payloads uncopied (joined once, by the caller)."""
+        out = []
+        for payload in self.nodes:
+            out += [w.len_header(GRAPH_NODE, len(payload)), payload]
+        out += self.other
         for number, items in ((GRAPH_INPUT, self.inputs), (GRAPH_OUTPUT, self.outputs),
                               (GRAPH_VALUE_INFO, self.value_info), (GRAPH_INIT, self.initializers)):
-            out += [w.len_field(number, bytes(payload)) for _, payload in items]
+            for _, payload in items:
+                out += [w.len_header(number, len(payload)), payload]
         return out
 
     def names(self) -> set[str]:
@@ -135,36 +138,26 @@ def export_inference(engine, path: str | Path) -> Path:
         raise TypeError(f"path is a {type(path).__name__}; accepted: a str or pathlib.Path of a .onnx file")
     parts = _parts(engine)
     path = prepare_output(path, (".onnx",))
-    graphs, model_fields = [], None
-    for i, part in enumerate(parts):
-        fields = w.read_fields(_read_file(part))
-        graph_fields = [f for f in fields if f.number == MODEL_GRAPH and f.wire_type == w.LEN]
-        if len(graph_fields) != 1:
-            raise ArtifactError(f"{part.source} holds {len(graph_fields)} graphs; accepted: an ONNX model with one")
-        graph = _Graph.read(graph_fields[0].value)
-        values, ones = part.values, part.ones
-        if i < len(parts) - 1:  # a latent-replay prefix: its names get a scope, its output feeds the suffix
-            def scoped(name):
-                return name if name in ("", INPUT) else PREFIX_SCOPE + name
-
-            _rename(graph, scoped, part.source)
-            values = {scoped(k): v for k, v in values.items()}
-            ones = {scoped(k): v for k, v in ones.items()}
-        _bind(graph, values, ones, part.source)
-        if model_fields is not None and _opsets(model_fields) != _opsets(fields):
-            raise UnsupportedModelError(f"{part.source} imports other opsets than {parts[0].source}; accepted: "
-                                        "graphs of one export (one opset)")
-        graphs.append(graph)
-        model_fields = fields
-    graph = _chain(graphs) if len(graphs) > 1 else graphs[0]
+    _check_size(sum(v.nbytes for part in parts for v in part.values.values()), "at least ")  # before any copy
+    models = [_bound_graph(part, PREFIX_SCOPE if i < len(parts) - 1 else "") for i, part in enumerate(parts)]
+    model_fields = models[-1][0]
+    if any(_opsets(fields) != _opsets(model_fields) for fields, _ in models):
+        raise UnsupportedModelError(f"{parts[0].source} and {parts[-1].source} import other opsets; accepted: "
+                                    "graphs of one export (one opset)")
+    graph = _chain([g for _, g in models]) if len(models) > 1 else models[0][1]
     _add_probabilities(graph, parts[-1].source)
     data = _model_bytes(model_fields, graph, {"edgecl.engine": engine.name,
                                               "edgecl.steps_done": str(_steps_done(engine))})
-    if len(data) > MAX_MODEL_BYTES:
-        raise UnsupportedModelError(f"the inference model would be {len(data)} bytes; accepted: at most "
-                                    f"{MAX_MODEL_BYTES} (protobuf's 2 GiB limit; edgecl writes no external data)")
+    models = graph = None  # their bytes are in `data`: not held while ONNX Runtime loads a copy
+    _check_size(len(data))
     _check_loads(data, parts[-1].source)
     return write_atomic(path, data)
+
+
+def _check_size(size: int, bound: str = "") -> None:
+    if size > MAX_MODEL_BYTES:
+        raise UnsupportedModelError(f"the inference model would be {bound}{size} bytes; accepted: at most "
+                                    f"{MAX_MODEL_BYTES} (protobuf's 2 GiB limit; edgecl writes no external data)")
 
 
 def _parts(engine) -> list[_Part]:
@@ -207,8 +200,11 @@ def _engine_part(engine) -> _Part:
 
 
 def _masked(weight: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """weight * mask, exactly 0 where the mask is 0 (the engines keep it so; this does not rely on it)."""
-    return weight if mask is None else np.where(mask == 0, np.float32(0), weight).astype(np.float32)
+    """weight (the engine's copy) * mask, in place: exactly 0 where the mask is 0 (the engines keep it
+    so; this does not rely on it)."""
+    if mask is not None:
+        weight[mask == 0] = 0
+    return weight
 
 
 def _steps_done(engine) -> int:
@@ -225,6 +221,27 @@ def _read_file(part: _Part) -> bytes:
         raise ArtifactError(f"{part.source} is not the file the engine's manifest lists (sha256 differs or it is "
                             "not listed): it was altered since export; export again")
     return data
+
+
+def _bound_graph(part: _Part, scope: str) -> tuple[list, _Graph]:
+    """(the ModelProto's fields, its graph with every input but `x` bound to the part's values);
+    a `scope` ("prefix/"): every name but `x` gets it (a latent-replay prefix, chained before a suffix)."""
+    fields = w.read_fields(_read_file(part))
+    graph_fields = [f for f in fields if f.number == MODEL_GRAPH and f.wire_type == w.LEN]
+    if len(graph_fields) != 1:
+        raise ArtifactError(f"{part.source} holds {len(graph_fields)} graphs; accepted: an ONNX model with one")
+    graph = _Graph.read(graph_fields[0].value)
+    values, ones = part.values, part.ones
+    if scope:
+        def scoped(name):
+            return name if name in ("", INPUT) else scope + name
+
+        _rename(graph, scoped, part.source)
+        values = {scoped(k): v for k, v in values.items()}
+        ones = {scoped(k): v for k, v in ones.items()}
+    _bind(graph, values, ones, part.source)
+    part.values = None  # the graph holds their bytes now
+    return fields, graph
 
 
 def _bind(graph: _Graph, values: dict[str, np.ndarray], ones: dict[str, tuple], source: str) -> None:
@@ -334,8 +351,7 @@ def _model_bytes(model_fields, graph: _Graph, metadata: dict[str, str]) -> bytes
     for f in model_fields:
         if f.number == MODEL_GRAPH:
             graph_chunks = graph.write()
-            size = sum(len(c) for c in graph_chunks)
-            chunks += [w.varint(MODEL_GRAPH << 3 | w.LEN), w.varint(size), *graph_chunks]
+            chunks += [w.len_header(MODEL_GRAPH, sum(len(c) for c in graph_chunks)), *graph_chunks]
         elif f.number == MODEL_METADATA and f.wire_type == w.LEN and set(key_of(f)) & metadata.keys():
             continue
         else:

@@ -140,9 +140,14 @@ def int_field(number: int, value: int) -> bytes:
     return varint(number << 3 | VARINT) + varint(value)
 
 
+def len_header(number: int, size: int) -> bytes:
+    """The key and length that precede a length-delimited payload of `size` bytes."""
+    return varint(number << 3 | LEN) + varint(size)
+
+
 def len_field(number: int, payload: bytes | str) -> bytes:
     payload = payload.encode("utf-8") if isinstance(payload, str) else payload
-    return varint(number << 3 | LEN) + varint(len(payload)) + payload
+    return len_header(number, len(payload)) + payload
 
 
 def tensor(name: str, array: np.ndarray) -> bytes:
@@ -155,9 +160,9 @@ def tensor(name: str, array: np.ndarray) -> bytes:
     if array.dtype not in kinds:
         raise TypeError(f"tensor {name!r} is {array.dtype}; accepted: float32, int64")
     kind = kinds[array.dtype]
-    raw = np.ascontiguousarray(array, RAW_DTYPES[kind]).tobytes()
-    dims = b"".join(int_field(1, d) for d in array.shape)
-    return dims + int_field(2, kind) + len_field(8, name) + len_field(9, raw)
+    raw = memoryview(np.ascontiguousarray(array, RAW_DTYPES[kind])).cast("B")  # no copy until the join
+    head = [int_field(1, d) for d in array.shape] + [int_field(2, kind), len_field(8, name)]
+    return b"".join([*head, len_header(9, raw.nbytes), raw])
 
 
 def attribute_int(name: str, value: int) -> bytes:

@@ -262,6 +262,10 @@ def test_a_model_past_protobufs_limit_is_refused_and_the_old_file_kept(exported,
     with pytest.raises(UnsupportedModelError, match=rf"would be {len(before)} bytes; accepted: at most "
                                                     rf"{len(before) - 1} \(protobuf's 2 GiB limit"):
         export_inference(engine, path)
+    weights = sum(v.nbytes for v in engine.parameters().values()) + sum(v.nbytes for v in engine.buffers().values())
+    monkeypatch.setattr(inference_model, "MAX_MODEL_BYTES", weights - 1)  # refused before the file is built
+    with pytest.raises(UnsupportedModelError, match=rf"would be at least {weights} bytes; accepted: at most"):
+        export_inference(engine, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary file left
 
