@@ -27,6 +27,7 @@ from .buffer import ReplayBuffer
 from .buffer_log import BufferLog
 from .checkpoint import CheckpointWriter, load_checkpoint
 from .errors import ArtifactError, BatchError, ConfigMismatchError
+from .inference_model import export_inference
 from .manifest import load_manifest
 from .online_config import OnlineConfig, state_identity
 from .open import open_engine
@@ -187,8 +188,6 @@ class OnlineLearner:
     def export_inference(self, path: str | Path) -> Path:
         """A self-contained ONNX inference model of the current weights, masks and BatchNorm statistics
         (`edgecl.runtime.inference_model`), with outputs `logits` and `probabilities`."""
-        from .inference_model import export_inference
-
         with self._lock:
             return export_inference(self.learner.engine, path)
 

@@ -291,3 +291,18 @@ def test_sparcl_without_masked_weights_is_refused(exported, tmp_path):
     _, dense = exported("mlp", masks=None)
     with pytest.raises(ValueError, match="SparCL needs masked weights"):
         open_learner(dense, tmp_path / "s", method="derpp", sparsity=0.75, budget="2MiB")
+
+
+def test_the_inference_model_gives_predict_proba_in_a_stock_onnxruntime_process(cnn, tmp_path):
+    """Written mid-stream by the online learner; run where neither torch nor onnx can be imported."""
+    from tests.runtime.test_inference_model import run_model
+
+    x, y = stream(100)
+    with open_learner(cnn, tmp_path / "s", method="derpp", sparsity=0.75, budget="2MiB", threads=1) as learner:
+        for lo, hi in groups(100):
+            learner.learn(x[lo:hi], y[lo:hi])
+        path = learner.export_inference(tmp_path / "model.onnx")
+        expected = learner.predict_proba(x[:20])
+    logits, probabilities, _ = run_model(path, x[:20])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert (logits.argmax(1) == expected.argmax(1)).all()
