@@ -90,15 +90,18 @@ class CheckpointWriter:
 
     Args:
         root: the checkpoint folder; created, with its parents, if missing.
+        lock_fd: a descriptor of `root/.lock` holding its lock, inherited from the process that
+            took it (`lock_fileno` there), to write into a folder that process holds.
 
     Raises:
-        ValueError: `root` is a file, cannot be created or is not writable (names it and why).
+        ValueError: `root` is a file, cannot be created or is not writable (names it and why);
+            `lock_fd` is not a descriptor of `root/.lock`.
         FolderBusyError: another process writes checkpoints into `root` (names it).
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, lock_fd: int | None = None):
         self.root = Path(root)
-        self._lock = FolderLock(self.root, "checkpoint folder")
+        self._lock = FolderLock(self.root, "checkpoint folder", lock_fd)
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -109,6 +112,14 @@ class CheckpointWriter:
     def close(self) -> None:
         """Release the folder's lock."""
         self._lock.release()
+
+    def lock_fileno(self) -> int:
+        """The descriptor holding the folder's lock, for a child process to adopt (`lock_fd`).
+
+        Raises:
+            ValueError: the writer is closed.
+        """
+        return self._lock.fileno()
 
     def save(self, parts: dict[str, dict[str, np.ndarray]], meta: dict, keep: int = 2) -> Path:
         """Write a new checkpoint under the folder, point `LATEST` at it, keep the newest `keep`.

@@ -47,6 +47,33 @@ def _acquire(path: Path, wait: bool, busy_message: str) -> int:
     return fd
 
 
+def _adopt(path: Path, fd: int, busy_message: str) -> int:
+    """Take over `fd`, a descriptor of `path` inherited from the process that locked it.
+
+    The flock belongs to the open file description, which a child process shares with its
+    parent: taking it again on the same description succeeds at once.
+
+    Raises:
+        ValueError: `fd` is not open, or is not a descriptor of `path`.
+        FolderBusyError: `fd` does not hold the lock and another descriptor does (`busy_message`).
+    """
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise ValueError(f"lock descriptor {fd!r} of {str(path)!r}; accepted: an integer file descriptor")
+    try:
+        held, here = os.fstat(fd), os.stat(path)
+    except OSError as e:
+        raise ValueError(f"lock descriptor {fd!r} of {str(path)!r} cannot be checked ({e.strerror}); accepted: an "
+                         "open descriptor of that file, inherited from the process that locked it") from None
+    if (held.st_dev, held.st_ino) != (here.st_dev, here.st_ino):
+        raise ValueError(f"lock descriptor {fd} is not a descriptor of {str(path)!r}; accepted: one of that file, "
+                         "inherited from the process that locked it")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FolderBusyError(busy_message) from None
+    return fd
+
+
 def lock_path(folder: str | Path) -> Path:
     """The lock file of `folder_lock(folder)`: `.<name>.lock` beside it (symlinks resolved)."""
     folder = Path(folder).resolve()
@@ -105,13 +132,18 @@ class FolderLock:
     Args:
         folder: the folder; created, with its parents, if missing.
         what: what the folder is, for messages (e.g. "checkpoint folder").
+        fd: a descriptor of `folder/.lock` that already holds the lock, inherited from the process
+            that took it (`edgecl run`'s training process writes the checkpoints its host process
+            locked): adopted instead of locking the file anew. Closing it releases the lock only
+            once every process sharing it has closed it.
 
     Raises:
-        ValueError: `folder` is a file, cannot be created or is not writable (names it and why).
+        ValueError: `folder` is a file, cannot be created or is not writable (names it and why);
+            `fd` is not a descriptor of the lock file.
         FolderBusyError: another process holds the lock (names the folder).
     """
 
-    def __init__(self, folder: str | Path, what: str = "folder"):
+    def __init__(self, folder: str | Path, what: str = "folder", fd: int | None = None):
         self.folder, self.what = Path(folder), what
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"{what} {str(self.folder)!r} is a file; accepted: a folder, or a path where one "
@@ -122,7 +154,7 @@ class FolderLock:
                 "or use another folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._fd: int | None = _acquire(lock, False, busy)
+            self._fd: int | None = _acquire(lock, False, busy) if fd is None else _adopt(lock, fd, busy)
         except FolderBusyError:
             raise
         except OSError as e:
@@ -132,6 +164,16 @@ class FolderLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def fileno(self) -> int:
+        """The descriptor that holds the lock (what a child process inherits to adopt it).
+
+        Raises:
+            ValueError: the lock was released.
+        """
+        if self._fd is None:
+            raise ValueError(f"the lock of {self.what} {str(self.folder)!r} was released; accepted: a held lock")
+        return self._fd
 
     def release(self) -> None:
         """Release the lock (closing the file descriptor releases it); again is a no-op."""
