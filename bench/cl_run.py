@@ -2,7 +2,9 @@
 
 The training itself is `edgecl.runtime.loop.run_scenario`, which imports no torch; this
 module adds what the host does around it: pick the data, export (cached), plan memory,
-print a table, write JSON and a plot.
+print a table, write JSON and a plot. The host process exports (torch); the training runs
+in a fresh runtime-only process (`edgecl.bench.cl_process`), so the run's peak RSS is that
+of the training alone, as on a device. The torch engine trains in the host process.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from edgecl.bench.fresh_process import MODEL_NAMES
+from edgecl.runtime.budget import peak_rss_bytes
 from edgecl.runtime.checkpoint import CheckpointWriter
-from edgecl.runtime.data import load_digits, load_fashion_mnist
+from edgecl.runtime.data import Dataset, load_digits, load_fashion_mnist
 from edgecl.runtime.job import LearnerSpec, build_learner, check_memory
 from edgecl.runtime.locks import folder_lock
 from edgecl.runtime.loop import RunResult, run_scenario
@@ -84,15 +89,30 @@ class JobConfig(LearnerSpec):
         super().__post_init__()
 
 
-def load_scenario(name: str, seed: int = 0, scenario: str = "split") -> Scenario:
-    """Split (class- and task-incremental) or permuted (domain-incremental, 5 tasks) digits / Fashion-MNIST."""
+def load_scenario(name: str, seed: int = 0, scenario: str = "split", digits: Dataset | None = None) -> Scenario:
+    """Split (class- and task-incremental) or permuted (domain-incremental, 5 tasks) digits / Fashion-MNIST.
+
+    Args:
+        digits: the digits data set when it is already loaded (default: `load_digits()`, which
+            imports scikit-learn); the training process gets them from the host this way.
+    """
     if scenario == "split":
-        return digits_scenario(seed) if name == "digits" else fashion_mnist_scenario()
+        return digits_scenario(seed, digits=digits) if name == "digits" else fashion_mnist_scenario()
     if name == "digits":
-        train, test = train_test_split(load_digits(), 0.2, seed)
+        train, test = train_test_split(load_digits() if digits is None else digits, 0.2, seed)
     else:
         train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
     return permuted_scenario(train, test, n_tasks=5, seed=seed)
+
+
+def job_scenario(job: JobConfig, digits: Dataset | None = None) -> Scenario:
+    """The scenario `job` trains on: its data and scenario, padded and cut to a subset as it asks."""
+    scenario = load_scenario(job.data, job.seed, job.scenario, digits)
+    if job.pad_to is not None:
+        scenario = padded_scenario(scenario, job.pad_to)
+    if job.train_per_task is not None or job.test_per_task is not None:
+        scenario = subset_scenario(scenario, job.train_per_task, job.test_per_task, job.seed)
+    return scenario
 
 
 def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path, split: str | None = None) -> tuple[object, Path]:
@@ -132,33 +152,35 @@ def nudge_one_ulp(engine) -> str:
     return name
 
 
-def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True):
+def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool = True, isolate: bool = True):
     """Export (cached), plan memory, build the strategy and run it.
 
+    Args:
+        isolate: train in a fresh runtime-only process (`edgecl.bench.cl_process`: no torch, so
+            the result's peak RSS is the training's own); False trains in this process. The torch
+            engine always trains in this process. Either way the metrics are the same.
     Returns:
-        (RunResult, the plan as a dict, the MemoryPlan or None when no budget was given).
+        (RunResult, the plan as a dict, the MemoryPlan or None when no budget was given). The
+        result's config["process"] says where it trained: "training" ("runtime-only" or "host"),
+        "pid", "torch_loaded" there, and "host_peak_rss_bytes" (this process's peak).
     Raises:
         ConfigMismatchError: `checkpoint_dir` holds a checkpoint of another job (each differing
             field named), found before any data is loaded or anything exported.
         FolderBusyError: another process writes into `checkpoint_dir`; also found before any work.
+        TrainingProcessError: the training process failed (its exit code and the tail of its
+            stderr); the checkpoints it wrote stay and resume.
     """
     if checkpoint_dir is None:
-        return _run_job(job, out_dir, None, progress)
+        return _run_job(job, out_dir, None, progress, isolate)
     with CheckpointWriter(checkpoint_dir) as writer:  # the folder is this run's from before the export on
         check_resume(checkpoint_dir, dataclasses.asdict(job))
-        return _run_job(job, out_dir, writer, progress)
+        return _run_job(job, out_dir, writer, progress, isolate)
 
 
-def _run_job(job: JobConfig, out_dir, writer, progress: bool):
-    from edgecl.exporters.reference import TorchEngine
-    from edgecl.runtime import open_engine
-
+def _run_job(job: JobConfig, out_dir, writer, progress: bool, isolate: bool):
     out_dir = Path(out_dir)
-    scenario = load_scenario(job.data, job.seed, job.scenario)
-    if job.pad_to is not None:
-        scenario = padded_scenario(scenario, job.pad_to)
-    if job.train_per_task is not None or job.test_per_task is not None:
-        scenario = subset_scenario(scenario, job.train_per_task, job.test_per_task, job.seed)
+    digits = load_digits() if job.data == "digits" else None  # scikit-learn: here, not in the training process
+    scenario = job_scenario(job, digits)
     check_memory(job, scenario.input_shape, scenario.num_classes)  # before the export, not at the allocation after it
     if job.latent_split is not None:  # a point the model has no split at is refused before any export
         from edgecl.exporters import build_model
@@ -167,16 +189,44 @@ def _run_job(job: JobConfig, out_dir, writer, progress: bool):
         kwargs = {} if job.width is None else {"width": job.width}
         split_model(build_model(job.model, scenario.input_shape, scenario.num_classes, **kwargs), job.latent_split)
     model, folder = _export_cached(job, scenario, out_dir)
-    optimizer = job.optimizer()
-    engine = (TorchEngine.from_artifacts(model, folder, optimizer, threads=job.threads) if job.engine == "torch"
-              else open_engine(folder, optimizer, threads=job.threads))
+    split_folder = None if job.latent_split is None else _export_cached(job, scenario, out_dir, job.latent_split)[1]
+    if isolate and job.engine != "torch":
+        from edgecl.bench.cl_process import train_in_child
+
+        del scenario, model  # the training process loads its own
+        result, plan_dict, plan, process = train_in_child(job, folder, split_folder, writer, progress, digits)
+    else:
+        if job.engine == "torch":
+            from edgecl.exporters.reference import TorchEngine
+
+            engine = TorchEngine.from_artifacts(model, folder, job.optimizer(), threads=job.threads)
+        else:
+            from edgecl.runtime import open_engine
+
+            engine = open_engine(folder, job.optimizer(), threads=job.threads)
+        result, plan_dict, plan = train_job(job, scenario, engine, split_folder, writer, progress)
+        process = {"training": "host", "pid": os.getpid(), "torch_loaded": "torch" in sys.modules}
+    process["host_peak_rss_bytes"] = peak_rss_bytes()
+    return dataclasses.replace(result, config={**result.config, "process": process}), plan_dict, plan
+
+
+def train_job(job: JobConfig, scenario: Scenario, engine, split_folder, writer, progress: bool):
+    """Train `engine` (opened on the job's export) on `scenario` as `job` says: what either process runs.
+
+    Args:
+        split_folder: the latent-replay export (`job.latent_split`), else None. writer: the
+            CheckpointWriter of the run's folder, or None.
+    Returns:
+        (RunResult, the plan as a dict, the MemoryPlan or None).
+    """
+    from edgecl.runtime import open_engine
+
     if job.nudge_ulp:
         nudge_one_ulp(engine)
     if job.latent_split is not None:
         from edgecl.runtime.latent import LatentReplay, PrefixEncoder
 
-        _, split_folder = _export_cached(job, scenario, out_dir, split=job.latent_split)
-        suffix = open_engine(split_folder, optimizer, threads=job.threads)
+        suffix = open_engine(split_folder, job.optimizer(), threads=job.threads)
         engine = LatentReplay(suffix, PrefixEncoder(split_folder, suffix.manifest, job.threads), engine,
                               freeze_after=job.freeze_after - 1)
     learner, plan_dict, plan = build_learner(engine, scenario, job)
@@ -210,9 +260,25 @@ def format_result(result: RunResult) -> str:
               f"FWT                {100 * result.fwt:6.2f}",
               f"training FLOPs     {result.train_flops:.3e}  (dense {result.dense_train_flops:.3e}, {ratio:.2f}x fewer)",
               f"steps              {result.steps}",
-              f"peak RSS           {result.peak_rss_bytes / 2**20:.1f} MiB" if result.peak_rss_bytes else "peak RSS  n/a",
+              _peak_line(result),
               f"wall time          {result.wall_s:.1f} s" + ("  (resumed)" if result.resumed else "")]
     return "\n".join(lines)
+
+
+def _peak_line(result: RunResult) -> str:
+    """The peak RSS and the process it is of (config["process"], which a board's result has not)."""
+    if not result.peak_rss_bytes:
+        return "peak RSS  n/a"
+    line = f"peak RSS           {result.peak_rss_bytes / 2**20:.1f} MiB"
+    process = result.config.get("process")
+    if process is None:
+        return line
+    if process["training"] == "runtime-only":
+        host = process.get("host_peak_rss_bytes")
+        return line + " (the training process: runtime-only, no torch; the export ran in the host process" + (
+            f", peak {host / 2**20:.1f} MiB)" if host else ")")
+    return line + " (the host process: export and training, torch included" + (
+        "; the torch engine trains there)" if result.config.get("job", {}).get("engine") == "torch" else ")")
 
 
 def plot_formats() -> tuple[str, ...]:

@@ -80,7 +80,7 @@ def measure_drift(job: JobConfig, seeds, engine_b: str = "torch", out_dir="out",
     for seed, variants in runs:
         accs = []
         for variant in variants:
-            result, _, _ = run_job(variant, out_dir, progress=False)
+            result, _, _ = run_job(variant, out_dir, progress=False, isolate=False)  # ACC only: no memory to measure
             accs.append(result.acc)
             bar.update(1)
         rows.append(DriftRow(seed, *accs))

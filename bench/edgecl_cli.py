@@ -86,12 +86,28 @@ def _run(args) -> int:
         prepare_output(args.json)
     if args.plot:
         prepare_output(args.plot, plot_formats())
-    result, plan, memory_plan = run_job(job, args.out, args.checkpoint, progress=not args.quiet)
+    from edgecl.bench.cl_process import TrainingProcessError
+
+    try:
+        result, plan, memory_plan = run_job(job, args.out, args.checkpoint, progress=not args.quiet)
+    except TrainingProcessError as e:
+        print(f"edgecl run: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        resume = (f"the checkpoints in {args.checkpoint!r} stay: the same command resumes from the last"
+                  if args.checkpoint is not None else "without --checkpoint the run starts over")
+        print(f"edgecl run: interrupted; {resume}", file=sys.stderr)
+        return 130
     print(format_result(result))
     if memory_plan is not None and result.peak_rss_bytes:
+        process = result.config["process"]
+        where = (f"the training process {result.peak_rss_bytes:,} B (runtime-only: Python, numpy and ONNX Runtime "
+                 f"included, no torch; the export ran in the host process, peak {process['host_peak_rss_bytes']:,} B)"
+                 if process["training"] == "runtime-only" else
+                 f"the whole process {result.peak_rss_bytes:,} B (Python, numpy, ONNX Runtime and torch included: "
+                 "training ran in the host process, where the export did)")
         print(f"memory plan total {memory_plan.total_bytes:,} B of budget {memory_plan.budget_bytes:,} B "
-              f"(buffer {memory_plan.replay_capacity} examples); measured peak RSS of the whole process "
-              f"{result.peak_rss_bytes:,} B (Python, numpy and ONNX Runtime included)")
+              f"(buffer {memory_plan.replay_capacity} examples); measured peak RSS of {where}")
     if args.json:
         write_atomic(args.json, json.dumps({**result.to_dict(), "budget_plan": plan}, indent=2))
         print(f"wrote {args.json}")

@@ -237,10 +237,16 @@ def train_test_split(dataset: Dataset, test_fraction: float, seed: int = 0) -> t
     return (_subset(dataset, ~is_test, f"{dataset.name}-train"), _subset(dataset, is_test, f"{dataset.name}-test"))
 
 
-def digits_scenario(seed: int = 0, kind: ScenarioKind | str = ScenarioKind.CLASS_IL) -> Scenario:
+def digits_scenario(seed: int = 0, kind: ScenarioKind | str = ScenarioKind.CLASS_IL,
+                    digits: Dataset | None = None) -> Scenario:
     """Split Digits: scikit-learn's digits, a stratified 80 / 20 split drawn with `seed`, 5 tasks of
-    2 classes in order 0..9. The embedded default (no download)."""
-    train, test = train_test_split(load_digits(), 0.2, seed)
+    2 classes in order 0..9. The embedded default (no download).
+
+    Args:
+        digits: the digits, already loaded (e.g. `load_npz` of what `save_npz` wrote, without
+            scikit-learn); default `load_digits()`.
+    """
+    train, test = train_test_split(load_digits() if digits is None else digits, 0.2, seed)
     return split_scenario(train, test, n_tasks=5, kind=kind, name="split-digits")
 
 
