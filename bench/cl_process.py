@@ -127,8 +127,8 @@ def train_in_child(job, artifacts, split_artifacts, writer, progress: bool, digi
                else f"failed with exit code {returncode}")
         where = (f"; the checkpoints in {str(writer.root)!r} stay: the same command resumes from the last" if writer
                  else "; without a checkpoint folder it starts over")
-        raise TrainingProcessError(f"the training process (pid {pid}) {how}{where}; the end of its stderr:\n{tail}",
-                                   returncode, tail)
+        said = f"; the end of its stderr:\n{tail}" if tail else "; it wrote nothing on stderr"
+        raise TrainingProcessError(f"the training process (pid {pid}) {how}{where}{said}", returncode, tail)
     return _result_from(report)
 
 
@@ -139,11 +139,9 @@ def _run(python: str, cfg_path: Path, pass_fds) -> tuple[int, int, str]:
         env.setdefault("TQDM_NCOLS", str(shutil.get_terminal_size().columns - 1))
     proc = subprocess.Popen([python, "-c", _BOOT, str(cfg_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, pass_fds=pass_fds, env=env)
-    tails = {"stdout": [""], "stderr": [""]}
-    pumps = [threading.Thread(target=_pass_through, args=(proc.stdout, lambda: sys.stdout, tails["stdout"]),
-                              daemon=True),
-             threading.Thread(target=_pass_through, args=(proc.stderr, lambda: sys.stderr, tails["stderr"]),
-                              daemon=True)]
+    tail = [""]
+    pumps = [threading.Thread(target=_pass_through, args=(proc.stdout, lambda: sys.stdout), daemon=True),
+             threading.Thread(target=_pass_through, args=(proc.stderr, lambda: sys.stderr, tail), daemon=True)]
     for pump in pumps:
         pump.start()
     try:
@@ -155,19 +153,24 @@ def _run(python: str, cfg_path: Path, pass_fds) -> tuple[int, int, str]:
         for pump in pumps:
             pump.join(timeout=STOP_S)
         proc.stdin.close()  # after its end: an open pipe is what keeps the process alive
-    return returncode, proc.pid, _last_lines(tails["stderr"][0])
+    return returncode, proc.pid, _last_lines(tail[0])
 
 
-def _pass_through(pipe, out, tail: list) -> None:
-    """Copy `pipe` to `out()` as it comes, keeping its last TAIL_CHARS characters in tail[0]."""
+def _pass_through(pipe, out, tail: list | None = None) -> None:
+    """Copy `pipe` to `out()` (this process's stream as it is then) as it comes; its last TAIL_CHARS
+    characters into tail[0]."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     for chunk in iter(lambda: os.read(pipe.fileno(), 65536), b""):
         text = decoder.decode(chunk)
-        tail[0] = (tail[0] + text)[-TAIL_CHARS:]
+        if tail is not None:
+            tail[0] = (tail[0] + text)[-TAIL_CHARS:]
         stream = out()
-        if stream is not None:
-            stream.write(text)
-            stream.flush()
+        try:
+            if stream is not None:
+                stream.write(text)
+                stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream here: keep draining, or the process would block
+            pass
     pipe.close()
 
 
@@ -182,8 +185,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _last_lines(text: str) -> str:
-    """The last TAIL_LINES non-empty lines, each as a terminal shows it (the text after its last \\r)."""
-    lines = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+    """The last TAIL_LINES non-empty lines, each as a terminal shows it (what its last \\r leaves)."""
+    lines = [next((part.rstrip() for part in reversed(line.split("\r")) if part.strip()), "")
+             for line in text.split("\n")]
     return "\n".join([line for line in lines if line][-TAIL_LINES:])
 
 
@@ -221,15 +225,24 @@ def _result_from(report: dict):
     return RunResult(**report["result"]), report["budget_plan"], plan, process
 
 
-def _exit_with_host() -> None:
-    """Exit at once when the host process ends: its end closes the pipe on our stdin."""
+def _exit_with_host(exchange: Path) -> None:
+    """Exit at once when the host process ends (its end closes the pipe on our stdin), removing
+    `exchange`, the folder of the job and the report, which the host would have removed."""
 
     def watch():
         while os.read(0, 4096):
             pass
+        shutil.rmtree(exchange, ignore_errors=True)
         os._exit(EXIT_HOST_GONE)  # like a SIGKILL: the checkpoints are written to survive one
 
     threading.Thread(target=watch, daemon=True, name="host-watch").start()
+
+
+def _interrupt_once(signum, frame):
+    # Ctrl-C reaches this process from the terminal and again from the host passing it on: one
+    # KeyboardInterrupt, so that the second cannot break the first one's unwinding
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def child_main(cfg_path: str) -> int:
@@ -239,7 +252,8 @@ def child_main(cfg_path: str) -> int:
     EXIT_INTERRUPTED (Ctrl-C); an unexpected error prints its traceback and exits 1.
     """
     block_torch()
-    _exit_with_host()
+    _exit_with_host(Path(cfg_path).parent)
+    signal.signal(signal.SIGINT, _interrupt_once)
     cfg = json.loads(Path(cfg_path).read_text())
     from edgecl.bench.cl_run import JobConfig, job_scenario, train_job
     from edgecl.runtime import errors, open_engine

@@ -162,7 +162,7 @@ def run_job(job: JobConfig, out_dir="out", checkpoint_dir=None, progress: bool =
     Returns:
         (RunResult, the plan as a dict, the MemoryPlan or None when no budget was given). The
         result's config["process"] says where it trained: "training" ("runtime-only" or "host"),
-        "pid", "torch_loaded" there, and "host_peak_rss_bytes" (this process's peak).
+        "pid", "torch_loaded" there, and "host_pid", "host_peak_rss_bytes" (this process's).
     Raises:
         ConfigMismatchError: `checkpoint_dir` holds a checkpoint of another job (each differing
             field named), found before any data is loaded or anything exported.
@@ -206,7 +206,7 @@ def _run_job(job: JobConfig, out_dir, writer, progress: bool, isolate: bool):
             engine = open_engine(folder, job.optimizer(), threads=job.threads)
         result, plan_dict, plan = train_job(job, scenario, engine, split_folder, writer, progress)
         process = {"training": "host", "pid": os.getpid(), "torch_loaded": "torch" in sys.modules}
-    process["host_peak_rss_bytes"] = peak_rss_bytes()
+    process.update(host_pid=os.getpid(), host_peak_rss_bytes=peak_rss_bytes())
     return dataclasses.replace(result, config={**result.config, "process": process}), plan_dict, plan
 
 

@@ -1,13 +1,16 @@
-"""`edgecl run` end to end: results table, JSON, plot, budget refusal, and resume after SIGKILL."""
+"""`edgecl run` end to end: results table, JSON, plot, budget refusal, resume after SIGKILL, and the training
+in a runtime-only process of its own."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,30 +69,158 @@ def test_bad_output_paths_are_refused_before_any_training(tmp_path, option, valu
     assert not (tmp_path / "out").exists()  # refused before the export, let alone the run
 
 
+def live_children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, zombies left out (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition, what: str, proc=None, timeout_s: float = 300.0) -> bool:
+    """Poll until `condition()` holds; False if `proc` ended first (the run was too short to catch)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s"
+        time.sleep(0.02)
+    return True
+
+
 def test_resume_after_sigkill_gives_exactly_the_uninterrupted_metrics(uninterrupted, out_dir, tmp_path):
     _, plain = uninterrupted
     ckpt = tmp_path / "ckpt"
     args = RUN + ["--out", str(out_dir), "--checkpoint", str(ckpt), "--checkpoint-every", "5",
                   "--json", str(tmp_path / "resumed.json")]
     rng = np.random.default_rng(0)
-    kills = 0
+    kills = orphans = 0
     for _ in range(3):  # kill it at a random moment once it has checkpointed, three times
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while not (ckpt / "LATEST").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: (ckpt / "LATEST").exists(), "checkpoint", proc)
         time.sleep(float(rng.uniform(0.0, 0.6)))
+        training = live_children(proc.pid)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
+            orphans += bool(training)
         proc.wait()
-    assert kills >= 1, "the run finished before it could be killed; make it longer"
+        at_kill = (ckpt / "LATEST").read_text()
+        # its training process ends with it, finishing at most the save under way: it would hold the folder and
+        # write on into it (to the run's end), with the next run's training beside it
+        wait_for(lambda: not any(map(is_running, training)), "end of the orphaned training process", timeout_s=60)
+        assert int((ckpt / "LATEST").read_text()[5:]) - int(at_kill[5:]) <= 1
+    assert kills >= 1 and orphans >= 1, "the run finished before it could be killed; make it longer"
     final = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed["resumed"] is True
     for key in EXACT_KEYS:
         assert resumed[key] == plain[key], key
+
+
+def test_killing_the_training_process_or_ctrl_c_is_reported_and_the_checkpoint_resumes(uninterrupted, out_dir,
+                                                                                         tmp_path):
+    _, plain = uninterrupted
+    ckpt = tmp_path / "ckpt"
+    # a checkpoint every step: the same metrics (the cadence is no setting), a run long enough to catch
+    args = RUN + ["--out", str(out_dir), "--checkpoint", str(ckpt), "--checkpoint-every", "1",
+                  "--json", str(tmp_path / "resumed.json")]
+
+    def start_and_catch_training(attempts=3):
+        for _ in range(attempts):  # until a run is caught training after a checkpoint of its own
+            before = (ckpt / "LATEST").read_text() if (ckpt / "LATEST").exists() else None
+            # a session of its own: a Ctrl-C at a terminal goes to its whole process group
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            if wait_for(lambda: (ckpt / "LATEST").exists() and (ckpt / "LATEST").read_text() != before,
+                        "new checkpoint", proc):
+                training = live_children(proc.pid)
+                if len(training) == 1 and proc.poll() is None:
+                    return proc, training[0]
+            proc.communicate(timeout=300)
+            shutil.rmtree(ckpt)  # it ran to the end: start over
+        pytest.fail("every run finished before it could be caught; make it longer")
+
+    proc, child = start_and_catch_training()
+    os.kill(child, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert (f"edgecl run: error: the training process (pid {child}) was killed by SIGKILL (exit code -9); the "
+            f"checkpoints in '{ckpt}' stay: the same command resumes from the last") in err
+    assert "Traceback" not in err
+
+    proc, child = start_and_catch_training()
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: host and training process both get it
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"edgecl run: interrupted; the checkpoints in '{ckpt}' stay: the same "
+                                            "command resumes from the last")
+    assert "Traceback" not in err and not is_running(child)
+
+    final = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["resumed"] is True
+    for key in EXACT_KEYS:
+        assert resumed[key] == plain[key], key
+
+
+# --- where the training runs ---------------------------------------------------------------------
+
+
+def test_the_training_runs_in_a_runtime_only_process_whose_own_peak_rss_is_reported(uninterrupted):
+    stdout, result = uninterrupted
+    process = result["config"]["process"]
+    assert process["training"] == "runtime-only" and process["torch_loaded"] is False
+    assert process["pid"] != process["host_pid"]
+    # two peaks of one run: the host imported torch to export, the training process never did
+    assert 0 < result["peak_rss_bytes"] < process["host_peak_rss_bytes"]
+    assert (f"peak RSS           {result['peak_rss_bytes'] / 2**20:.1f} MiB (the training process: runtime-only, no "
+            f"torch; the export ran in the host process, peak {process['host_peak_rss_bytes'] / 2**20:.1f} MiB)"
+            in stdout.splitlines())
+
+
+@pytest.mark.torch
+def test_the_training_process_gives_exactly_the_metrics_of_training_in_the_host(uninterrupted, out_dir):
+    from edgecl.bench.cl_run import run_job
+    from edgecl.bench.edgecl_cli import build_parser, run_job_config
+
+    _, child = uninterrupted
+    job = run_job_config(build_parser().parse_args(RUN[3:] + ["--out", str(out_dir)]))
+    here, _, _ = run_job(job, out_dir, progress=False, isolate=False)
+    assert here.config["process"]["training"] == "host" and here.config["process"]["pid"] == os.getpid()
+    for key in EXACT_KEYS:
+        assert getattr(here, key) == child[key], key
+    config = json.loads(json.dumps(here.config))
+    assert {k: v for k, v in config.items() if k != "process"} == {
+        k: v for k, v in child["config"].items() if k != "process"}
+
+
+def test_the_torch_engine_trains_in_the_host_process_and_says_so(tmp_path):
+    path = tmp_path / "torch.json"
+    proc = subprocess.run(RUN[:4] + ["--epochs", "1", "--threads", "1", "--quiet", "--engine", "torch", "--budget",
+                                      "2MiB", "--out", str(tmp_path / "out"), "--json", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(path.read_text())
+    process = result["config"]["process"]
+    assert process["training"] == "host" and process["torch_loaded"] is True and process["pid"] == process["host_pid"]
+    assert "MiB (the host process: export and training, torch included; the torch engine trains there)" in proc.stdout
+    assert (f"measured peak RSS of the whole process {result['peak_rss_bytes']:,} B (Python, numpy, ONNX Runtime and "
+            "torch included: training ran in the host process, where the export did)") in proc.stdout
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(out_dir, tmp_path):
@@ -220,10 +351,14 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused_naming_it(out_dir
 def test_a_channel_structured_run_counts_the_narrowed_work(tmp_path):
     path = tmp_path / "ch.json"
     proc = subprocess.run(RUN[:4] + ["--epochs", "1", "--threads", "1", "--quiet", "--model", "cnn-s2",
-                                      "--structure", "channel", "--sparsity", "0.5", "--out", str(tmp_path / "out"),
-                                      "--json", str(path)], capture_output=True, text=True, timeout=600)
+                                      "--structure", "channel", "--sparsity", "0.5", "--budget", "4MiB",
+                                      "--out", str(tmp_path / "out"), "--json", str(path)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(path.read_text())
+    host = result["config"]["process"]["host_peak_rss_bytes"]
+    assert (f"measured peak RSS of the training process {result['peak_rss_bytes']:,} B (runtime-only: Python, numpy "
+            f"and ONNX Runtime included, no torch; the export ran in the host process, peak {host:,} B)") in proc.stdout
     assert result["config"]["label"] == "SparCL-DER++ 0.50 channel"
     assert result["config"]["job"]["structure"] == "channel"
     # half of every channel set: the middle conv and the first Linear compute a quarter, the stem and head a half

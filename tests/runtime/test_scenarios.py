@@ -229,6 +229,20 @@ def test_digits_scenario_is_split_digits():
     assert digits_scenario(kind="task-il").kind is ScenarioKind.TASK_IL
 
 
+def test_digits_read_back_from_the_npz_a_board_gets_give_the_same_scenario(tmp_path):
+    """`edgecl run`'s training process gets the digits this way: without scikit-learn."""
+    from edgecl.runtime.data import load_digits, load_npz, save_npz
+
+    save_npz(load_digits(), tmp_path / "digits.npz")
+    here, there = digits_scenario(seed=3), digits_scenario(seed=3, digits=load_npz(tmp_path / "digits.npz"))
+    assert there.name == here.name and there.input_shape == here.input_shape
+    for a, b in zip(here.tasks, there.tasks, strict=True):
+        assert a.classes == b.classes
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            assert getattr(a, name).dtype == getattr(b, name).dtype
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_fashion_mnist_and_cifar10_presets_on_written_files(tmp_path):
     s = fashion_mnist_scenario(write_fashion_root(tmp_path / "fm", n_train=20, n_test=10))
     assert s.name == "split-fashion-mnist" and s.input_shape == (1, 28, 28)
