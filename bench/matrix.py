@@ -2,7 +2,9 @@
 
 Each cell of the matrix (strategy x seed) is one `edgecl run` in its own process with one
 thread, so cells run side by side on a multi-core host and a crash or kill loses one cell
-at most; a cell whose JSON exists is skipped, so re-running the command resumes.
+at most; a cell whose JSON exists is skipped, so re-running the command resumes. That
+`edgecl run` trains in a runtime-only process of its own, so a cell's peak RSS is its
+training's (the torch engine's cells train, and peak, in the process that exported).
 """
 
 from __future__ import annotations
