@@ -80,6 +80,8 @@ class OnlineLatencyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= {low}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed={self.seed!r}; accepted: an integer in [0, 2**64 - 1]")
         if self.fill is not None and (isinstance(self.fill, bool) or not isinstance(self.fill, int) or self.fill < 0):
             raise ValueError(f"fill={self.fill!r}; accepted: an integer >= 0, or None (2 * replay_batch)")
         self.stream_config()  # methods, sparsity, sizes, lr, steps, threads, seed: the learner's own checks

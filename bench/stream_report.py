@@ -26,13 +26,14 @@ def format_table(result: StreamResult) -> str:
     width = max(len(r["label"]) for r in rows) + 2
     lines = [head, "",
              f"{'method':<{width}}{'final ACC %':>14}  " + "".join(f"{'T' + str(t + 1):>7}" for t in range(tasks))
-             + f"{'learn s':>16}{'ms/call p50':>13}{'p90':>8}{'buffer':>8}"]
+             + f"{'learn s':>16}{'ms/call p50':>13}{'p90':>8}{'buffer':>8}{'GFLOPs':>9}"]
     for r in rows:
         lines.append(f"{r['label']:<{width}}{_pm(r['final_acc']):>14}  "
                      + "".join(f"{100 * s['mean']:>7.1f}" for s in r["seen_acc"])
                      + f"{_pm(r['learn_s'], 1.0):>16}{r['call_ms_median']:>13.2f}{r['call_ms_p90']:>8.2f}"
-                     + f"{r['buffer_capacity']:>8}")
-    lines.append(f"(T1..T{tasks}: mean accuracy % over the tasks seen so far, after each task's last sample)")
+                     + f"{r['buffer_capacity']:>8}{r['train_flops'] / 1e9:>9.0f}")
+    lines.append(f"(T1..T{tasks}: mean accuracy % over the tasks seen so far, after each task's last sample; GFLOPs: "
+                 "training FLOPs counted the SparCL way, sparsity-aware)")
     methods = c["methods"]
     if "derpp" in methods and "sparcl-derpp" in methods:
         ratio = result.to_dict()["sparcl_derpp_over_derpp_learn_s"]

@@ -99,11 +99,9 @@ class StreamConfig:
         unknown = [m for m in self.methods if m not in STREAM_METHODS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods={list(self.methods)}; accepted: distinct names among {', '.join(STREAM_METHODS)}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={list(self.seeds)}; accepted: one or more distinct integers >= 0")
-        for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-                raise ValueError(f"seed {seed!r}; accepted: integers in [0, 2**64 - 1]")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
+                isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**64 for s in self.seeds):
+            raise ValueError(f"seeds={list(self.seeds)}; accepted: one or more distinct integers in [0, 2**64 - 1]")
         if len(self.group) != 2 or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) for g in self.group) \
                 or not 1 <= self.group[0] <= self.group[1]:
             raise ValueError(f"group={self.group!r}; accepted: (lo, hi) integers with 1 <= lo <= hi")
@@ -157,6 +155,8 @@ class MethodRun:
     buffer_capacity: int
     call_ms_median: float
     call_ms_p90: float
+    train_flops: float = 0.0
+    dense_train_flops: float = 0.0
 
     @property
     def seen_acc(self) -> list[float]:
@@ -196,7 +196,8 @@ class StreamResult:
                          "learn_s": _mean_std([r.learn_s for r in runs]),
                          "call_ms_median": float(np.median([r.call_ms_median for r in runs])),
                          "call_ms_p90": float(np.median([r.call_ms_p90 for r in runs])),
-                         "buffer_capacity": runs[0].buffer_capacity})
+                         "buffer_capacity": runs[0].buffer_capacity,
+                         "train_flops": float(np.mean([r.train_flops for r in runs]))})
         return rows
 
     def to_dict(self) -> dict:
@@ -281,7 +282,8 @@ def run_stream(config: StreamConfig, artifacts, progress: bool = True) -> Stream
     Returns:
         StreamResult with one MethodRun per (method, seed).
     Raises:
-        ValueError: a seed without artifacts, or artifacts of another input shape or fewer classes.
+        ValueError: a seed without artifacts, artifacts of another input shape or fewer classes, or a
+            `buffer_bytes` that holds no example; before any run.
     """
     from tqdm import tqdm
 
@@ -293,6 +295,12 @@ def run_stream(config: StreamConfig, artifacts, progress: bool = True) -> Stream
     for seed, folder in folders.items():
         if seed in scenarios:
             _check_artifacts(folder, scenarios[seed])
+    shape, k = scenarios[config.seeds[0]].input_shape, load_manifest(folders[config.seeds[0]]).num_classes
+    for method in config.methods:
+        if STREAM_METHODS[method][0] != "finetune" and buffer_capacity(config, method, shape, k) < 1:
+            raise ValueError(f"buffer_bytes={config.buffer_bytes!r} holds no example of {shape} for {method}; "
+                             f"accepted: at least {bytes_per_example(shape, k, STREAM_METHODS[method][0] == 'derpp')} "
+                             "bytes")
     streams = {seed: stream_groups([len(t.y_train) for t in sc.tasks], config.group, np.random.default_rng(seed))
                for seed, sc in scenarios.items()}
     total = sum(len(groups) for stream in streams.values() for groups in stream)
@@ -322,8 +330,8 @@ def _check_artifacts(folder, scenario: Scenario) -> None:
 
 def _run_seed(config: StreamConfig, seed: int, folder: Path, scenario: Scenario, stream, bar) -> list[MethodRun]:
     methods = config.methods
-    shape, k = scenario.input_shape, scenario.num_classes
-    capacity = {m: buffer_capacity(config, m, shape, k) for m in methods}
+    k = load_manifest(folder).num_classes  # the logits the buffer stores
+    capacity = {m: buffer_capacity(config, m, scenario.input_shape, k) for m in methods}
     times = {m: [] for m in methods}
     eval_s = dict.fromkeys(methods, 0.0)
     matrix = {m: [] for m in methods}
@@ -351,10 +359,11 @@ def _run_seed(config: StreamConfig, seed: int, folder: Path, scenario: Scenario,
             y_test = np.concatenate([task.y_test for task in scenario.tasks])
             runs = []
             for m in methods:
-                ms = 1e3 * np.array(times[m])
+                ms, inner = 1e3 * np.array(times[m]), learners[m].learner
                 runs.append(MethodRun(m, seed, _accuracy(learners[m], x_test, y_test), matrix[m], float(sum(times[m])),
-                                      eval_s[m], len(times[m]), learners[m].samples_seen, learners[m].learner.step,
-                                      capacity[m], float(np.median(ms)), float(np.percentile(ms, 90))))
+                                      eval_s[m], len(times[m]), learners[m].samples_seen, inner.step, capacity[m],
+                                      float(np.median(ms)), float(np.percentile(ms, 90)), inner.train_flops,
+                                      inner.dense_train_flops))
             return runs
         finally:
             for learner in learners.values():

@@ -43,6 +43,7 @@ def test_a_filled_learner_replays_full_batches_from_its_first_timed_call(exporte
 @pytest.mark.parametrize("field, value, needle", [
     ("methods", ("joint",), "methods="), ("learn_sizes", (0,), "learn_sizes="), ("learn_sizes", (8, 8), "learn_sizes="),
     ("repeats", 2, "repeats="), ("warmup", -1, "warmup="), ("fill", -1, "fill="), ("threads", 0, "threads="),
+    ("seed", -1, "seed=-1"),
 ])
 def test_a_bad_setting_is_refused_naming_it(field, value, needle):
     with pytest.raises(ValueError, match=needle):
