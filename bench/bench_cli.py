@@ -52,6 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     p.set_defaults(func=_drift)
 
+    p = sub.add_parser("stream", help="the online learner on a class-incremental stream, each sample seen once: "
+                       "final accuracy and wall time per method")
+    p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    p.add_argument("--methods", default="finetune,er,derpp,sparcl-derpp",
+                   help="comma-separated, among finetune, er, derpp, sparcl-er, sparcl-derpp")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--group", default="1-8", metavar="LO-HI", help="samples per learn call, uniform in LO..HI")
+    p.add_argument("--sparsity", type=float, default=0.75, help="SparCL's weight sparsity (sparcl-* methods)")
+    p.add_argument("--buffer-bytes", default="8MiB", help="storage of each replay buffer (e.g. 8MiB)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the data set's, as edgecl run)")
+    p.add_argument("--batch", type=int, default=32, help="most stream samples in one step (a larger group is split)")
+    p.add_argument("--replay-batch", type=int, default=32, help="buffer examples per step (DER++ draws two batches)")
+    p.add_argument("--replay-steps", type=int, default=0, help="replay-only steps after each stream step")
+    p.add_argument("--tdm-every", type=int, default=250, help="steps between SparCL's mask updates")
+    p.add_argument("--class-order", default="natural", choices=["natural", "seeded"])
+    p.add_argument("--train-per-class", type=int, default=None, help="a fixed random subset per class (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every learner")
+    p.add_argument("--model", default="cnn", choices=MODEL_NAMES, help="the family exported (edgecl run's default)")
+    p.add_argument("--artifacts", default=None, metavar="DIR",
+                   help="your export, for every seed (nothing exported, no torch); instead of --model")
+    p.add_argument("--out", default="out", help="where exports are cached (as edgecl run)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="accuracy after each task per method")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_stream)
+
     from edgecl.bench.flops_cli import add_parsers as add_flops_devices_report  # flops, devices, report
 
     add_flops_devices_report(sub)
@@ -94,6 +120,56 @@ def _drift(args) -> int:
         write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _stream(args) -> int:
+    import json
+
+    from edgecl.bench.stream_report import format_table, plot_stream
+    from edgecl.bench.stream_run import DATA_SHAPES, StreamConfig, run_stream
+    from edgecl.runtime.files import prepare_output, write_atomic
+
+    config = StreamConfig(data=args.data, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                          seeds=tuple(seeds_flag(args.seeds)), group=group_flag(args.group), sparsity=args.sparsity,
+                          buffer_bytes=args.buffer_bytes, lr=args.lr, batch_size=args.batch,
+                          replay_batch=args.replay_batch, replay_steps=args.replay_steps, tdm_every=args.tdm_every,
+                          class_order=args.class_order, train_per_class=args.train_per_class, threads=args.threads,
+                          model=args.model)
+    for flag, path, suffixes in (("--json", args.json, None), ("--plot", args.plot, (".png",))):
+        if path:
+            try:
+                prepare_output(path, suffixes)  # before minutes of runs
+            except ValueError as e:
+                raise ValueError(f"{flag} {e}") from None
+    if args.artifacts is not None:
+        artifacts = args.artifacts
+    else:
+        from edgecl.bench.export_cache import export_in_child
+
+        artifacts = export_in_child(config.model, DATA_SHAPES[config.data], 10, config.seeds, args.out)
+    result = run_stream(config, artifacts, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_stream(result, args.plot)}")
+    return 0
+
+
+def group_flag(text: str) -> tuple[int, int]:
+    """--group "1-8" (or "4": always 4) as (lo, hi); StreamConfig checks the range.
+
+    Raises:
+        ValueError: naming --group, the text and what is accepted.
+    """
+    try:
+        parts = [int(p) for p in text.split("-")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise ValueError(f"--group {text!r}; accepted: LO-HI or N, positive integers, e.g. 1-8")
+    return (parts[0], parts[-1])
 
 
 def _summary(args) -> int:

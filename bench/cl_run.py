@@ -10,20 +10,18 @@ of the training alone, as on a device. The torch engine trains in the host proce
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from edgecl.bench.export_cache import export_cached
 from edgecl.bench.fresh_process import MODEL_NAMES
 from edgecl.runtime.budget import peak_rss_bytes
 from edgecl.runtime.checkpoint import CheckpointWriter
 from edgecl.runtime.data import Dataset, load_digits, load_fashion_mnist
 from edgecl.runtime.job import LearnerSpec, build_learner, check_memory
-from edgecl.runtime.locks import folder_lock
 from edgecl.runtime.loop import RunResult, run_scenario
 from edgecl.runtime.resume import check_resume
 from edgecl.runtime.scenarios import (Scenario, digits_scenario, fashion_mnist_scenario, padded_scenario,
@@ -116,27 +114,10 @@ def job_scenario(job: JobConfig, digits: Dataset | None = None) -> Scenario:
 
 
 def _export_cached(job: JobConfig, scenario: Scenario, out_dir: Path, split: str | None = None) -> tuple[object, Path]:
-    import torch
-
-    from edgecl.exporters import build_model, export
-    from edgecl.exporters.export import exporter_fingerprint
-
-    kwargs = {} if job.width is None else {"width": job.width}
-    model = build_model(job.model, scenario.input_shape, scenario.num_classes, seed=job.seed, **kwargs)
     engine = "portable" if job.engine == "torch" else job.engine
     structure = "channel" if job.structure == "channel" else None
-    # the exporter's fingerprint too: after an exporter change (or a new torch/onnx) the cache re-exports
-    key = hashlib.sha256(json.dumps([job.model, scenario.input_shape, scenario.num_classes, job.seed, engine,
-                                     exporter_fingerprint()] + ([job.width, structure] if job.width or structure
-                                                                else []) + ([split] if split else [])).encode())
-    folder = out_dir / "artifacts" / f"{job.model}-{engine}-{key.hexdigest()[:10]}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # runs side by side (bench run) wait for the one exporting, then use its artifacts; export's own lock re-enters
-    with folder_lock(folder, wait=True, what="artifact cache folder"):
-        if not (folder / "manifest.json").exists():
-            export(model, torch.zeros(2, *scenario.input_shape), folder, engine=engine,
-                   masks=None if structure else "weights", structure=structure, split=split)
-    return model, folder
+    return export_cached(job.model, scenario.input_shape, scenario.num_classes, job.seed, out_dir, engine,
+                         width=job.width, structure=structure, split=split)
 
 
 def nudge_one_ulp(engine) -> str:

@@ -14,7 +14,7 @@ import re
 # listed is its own flag (checkpoint_every -> --checkpoint-every) when the command has that option.
 FIELD_FLAGS = {
     "batch_size": ("--batch",),
-    "replay_batch": ("--batch",),  # the replay batch is the stream batch (LearnerSpec.strategy)
+    "replay_batch": ("--replay-batch", "--batch"),  # edgecl run: the replay batch is the stream batch (LearnerSpec)
     "seed": ("--seed", "--seeds"),
     "tdm": ("--no-tdm",),
     "dgm": ("--no-dgm",),

@@ -1,4 +1,5 @@
-"""`bench latency`, `bench memory` and `bench kernels`: argument parsing and printing over the library functions."""
+"""`bench latency`, `bench memory`, `bench kernels`, `bench pair` and `bench online`: argument parsing and printing
+over the library functions."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
-    """Add the `latency`, `memory`, `kernels` and `pair` subcommands to `bench`'s subparsers."""
+    """Add the `latency`, `memory`, `kernels`, `pair` and `online` subcommands to `bench`'s subparsers."""
     p = sub.add_parser("latency", help="training-step, inference and cold-start latency per engine vs torch eager")
     _common(p)
     p.add_argument("--repeats", type=int, default=50, help="timed calls per engine and phase")
@@ -117,6 +118,31 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=_pair)
 
+
+    p = sub.add_parser("online", help="latency of one call of the online learner, learn(1), learn(8), predict(1), "
+                       "per method")
+    p.add_argument("--model", default=None, choices=MODEL_NAMES, help="a built-in family (default cnn), exported into "
+                   "--cache in another process")
+    p.add_argument("--input-shape", default=None, help="one sample, C x H x W (default 1x28x28, Fashion-MNIST's)")
+    p.add_argument("--classes", type=int, default=None, help="logits width (default 10)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="an export to bench as it is (instead of --model)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="where --model's export is cached (default: out, as "
+                   "edgecl run)")
+    p.add_argument("--methods", default="finetune,er,derpp,sparcl-derpp",
+                   help="comma-separated, among finetune, er, derpp, sparcl-er, sparcl-derpp")
+    p.add_argument("--sparsity", type=float, default=0.75, help="SparCL's weight sparsity (sparcl-* methods)")
+    p.add_argument("--learn-sizes", default="1,8", help="samples per timed learn call, comma-separated")
+    p.add_argument("--predict-sizes", default="1", help="samples per timed predict call, comma-separated")
+    p.add_argument("--buffer-bytes", default="8MiB", help="storage of each replay buffer")
+    p.add_argument("--replay-batch", type=int, default=32)
+    p.add_argument("--replay-steps", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of every learner")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls of each kind per method")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--seed", type=int, default=0, help="the model's initial weights, the learners and the inputs")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
+    p.set_defaults(func=_online)
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
     return None if text is None else parse_shape(text)
@@ -188,4 +214,38 @@ def _pair(args) -> int:
     result = measure_pair(args.artifacts_a, args.artifacts_b, batch=args.batch, threads=args.threads,
                           pairs=args.pairs, warmup=args.warmup, seed=args.seed)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_pair(result))
+    return 0
+
+
+def _sizes(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}; accepted: integers separated by commas, e.g. 1,8") from None
+
+
+def _online(args) -> int:
+    from .online_latency import OnlineLatencyConfig, format_table, measure_online_latency
+
+    refuse_with_artifacts(args)
+    config = OnlineLatencyConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                                 sparsity=args.sparsity, learn_sizes=_sizes("--learn-sizes", args.learn_sizes),
+                                 predict_sizes=_sizes("--predict-sizes", args.predict_sizes),
+                                 buffer_bytes=args.buffer_bytes, replay_batch=args.replay_batch,
+                                 replay_steps=args.replay_steps, lr=args.lr, threads=args.threads,
+                                 repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    if args.artifacts is not None:
+        folder, model = args.artifacts, None
+    else:
+        from .export_cache import export_in_child
+        from .subject import check_shape
+
+        model = args.model or "cnn"
+        shape = check_shape(model, parse_shape(args.input_shape or "1x28x28"))
+        classes = 10 if args.classes is None else args.classes
+        if classes < 2:
+            raise ValueError(f"--classes {classes}; accepted: an integer >= 2")
+        folder = export_in_child(model, shape, classes, [args.seed], args.cache or "out")[args.seed]
+    result = measure_online_latency(folder, config, model)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
