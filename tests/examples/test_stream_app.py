@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from tests.helpers import TIME_SCALE
 from tests.runtime.test_online import assert_same_state, state_of, stream
 
 ROOT = Path(__file__).resolve().parents[2]
+# the repository for `tests.*`, after what the environment already puts first (the emulated board's site)
+PYTHONPATH = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
 STOCK_PYTHON = ROOT / ".venv-stock-ort" / "bin" / "python"  # the torch-free environment of ./bootstrap.sh test
 N = 1200
 RUN = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
@@ -23,10 +26,11 @@ RUN = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:];
 
 
 def app(*args) -> subprocess.Popen:
-    python = STOCK_PYTHON if STOCK_PYTHON.exists() else Path(sys.executable)
+    # natively the stock-onnxruntime venv; on the emulated board its own interpreter (torch-free already)
+    python = STOCK_PYTHON if STOCK_PYTHON.exists() and platform.machine() == "x86_64" else Path(sys.executable)
     return subprocess.Popen([str(python), "-c", RUN, str(ROOT / "examples" / "stream_app.py"), *map(str, args),
                              "--report", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": PYTHONPATH})
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from tests.helpers import TIME_SCALE
 from tests.runtime.test_online import assert_same_state, run_stream
 
 ROOT = Path(__file__).resolve().parents[2]
+# the repository for `tests.*`, after what the environment already puts first (the emulated board's site)
+PYTHONPATH = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
 N = 240
 SETTINGS = {"method": "derpp", "sparsity": 0.75, "tdm_every": 7, "budget": "2MiB", "buffer": 60, "replay_steps": 1}
 
@@ -54,7 +56,7 @@ APP = textwrap.dedent("""
 def app(artifacts, state, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", APP, str(artifacts), str(state), str(N), repr(SETTINGS)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                            env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})})
 
 
 @pytest.fixture
