@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgecl.devices.cli import add_device_parser
 
     add_device_parser(sub, format_run=_format_run)
+    from edgecl.bench.fleet_cli import add_fleet_parser
+
+    add_fleet_parser(sub)
     return parser
 
 

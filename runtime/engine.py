@@ -141,6 +141,14 @@ class Engine:
         """
         self._set_parameters(check_named("parameter", values, self.param_shapes))
 
+    def set_buffers(self, values: dict[str, np.ndarray]) -> None:
+        """Replace some or all BatchNorm running statistics (e.g. a federated average of them).
+
+        Raises:
+            TypeError / KeyError / ValueError: as `checks.check_named`; the engine is unchanged.
+        """
+        self._commit_buffers(check_named("buffer", values, self.buffer_shapes))
+
     def set_masks(self, masks: dict[str, np.ndarray]) -> None:
         """Replace the masks of some masked parameters; weights at 0 positions become 0.
 

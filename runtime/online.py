@@ -17,6 +17,7 @@ in progress (or a save). One process at a time holds a state folder (its lock).
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .budget import MemoryPlan, plan_memory
 from .buffer import ReplayBuffer
 from .buffer_log import BufferLog
 from .checkpoint import CheckpointWriter, load_checkpoint
+from .checks import check_named
 from .errors import ArtifactError, BatchError, ConfigMismatchError
 from .inference_model import export_inference
 from .manifest import load_manifest
@@ -98,6 +100,7 @@ class OnlineLearner:
         self._lock = threading.Lock()
         self._samples_seen = 0
         self._task_samples = 0  # samples of the current task (an `end_task` with none is a no-op)
+        self._app_state: dict = {}
         ckpt = load_checkpoint(self.state_dir, fallback=True, check=self._check_state)
         if ckpt is None:
             self.learner.begin_task(0, 0)
@@ -166,6 +169,49 @@ class OnlineLearner:
         if s.sparsity is not None and s.tdm and self.learner.step % s.tdm_every == 0:
             self.learner.update_masks()
 
+    # --- the weights, for a federation (edgecl.fleet) ---------------------------------------
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable weights (zero where a mask is 0)."""
+        with self._lock:
+            params = self.learner.engine.parameters()
+        return {name: params[name] for name in self.learner.engine.trainable_shapes}
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """Copies of the BatchNorm running statistics (empty without BatchNorm)."""
+        with self._lock:
+            return self.learner.engine.buffers()
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """SparCL's masks of the sparse weights, float32 0/1 (empty for a dense method, or before
+        the first step, when the engine's exported masks are all ones)."""
+        with self._lock:
+            if not self.learner.masks_ready:
+                return {}
+            masks = self.learner.engine.masks()
+            return {name: masks[name] for name in self.learner.sparse_names}
+
+    def set_weights(self, parameters: dict[str, np.ndarray], buffers: dict[str, np.ndarray] | None = None) -> None:
+        """Replace some or all trainable weights (masked entries are zeroed again) and BatchNorm
+        statistics, e.g. with a federation's global model; optimizer state and buffer stay.
+
+        Raises:
+            TypeError / KeyError / ValueError: a name, shape, dtype or value the model does not take;
+                nothing is changed.
+        """
+        engine = self.learner.engine
+        parameters = check_named("parameter", parameters, engine.trainable_shapes)
+        buffers = check_named("buffer", buffers or {}, engine.buffer_shapes)
+        with self._lock:
+            engine.set_parameters(parameters)
+            if buffers:
+                engine.set_buffers(buffers)
+
+    def set_proximal(self, mu: float, anchor: dict[str, np.ndarray] | None) -> None:
+        """FedProx's proximal term on the next steps: mu/2 * ||w - anchor||^2 (`Learner.set_proximal`);
+        mu = 0 turns it off. Not saved: a federation sets it every round."""
+        with self._lock:
+            self.learner.set_proximal(mu, anchor)
+
     # --- predictions --------------------------------------------------------------------
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities float32 (N, num_classes), softmax of the logits in inference mode.
@@ -192,18 +238,37 @@ class OnlineLearner:
             return export_inference(self.learner.engine, path)
 
     # --- persistence ----------------------------------------------------------------------
-    def save(self) -> Path:
+    @property
+    def app_state(self) -> dict:
+        """The `app_state` of the last `save` (a copy; {} before any): where the app's stream stands."""
+        return json.loads(json.dumps(self._app_state))
+
+    def save(self, app_state: dict | None = None) -> Path:
         """Write the whole state into `state_dir`, atomically: engine (weights, masks, BatchNorm
         statistics, optimizer), learner (task, step, generators, SparCL state), buffer (only the slots
         changed since the last save, `buffer_log`), `samples_seen` and the settings. A kill at any
         moment leaves the previous save or this one.
 
+        Args:
+            app_state: the app's own small JSON-able state, saved in the same atomic write (e.g. its
+                position in a stream); None keeps the previous one. Read back as `app_state`.
         Returns:
             the checkpoint folder written.
+        Raises:
+            TypeError: app_state is not a dict that JSON can hold.
         """
+        if app_state is not None:
+            if not isinstance(app_state, dict):
+                raise TypeError(f"app_state is a {type(app_state).__name__}; accepted: a dict that JSON can hold")
+            try:
+                app_state = json.loads(json.dumps(app_state, allow_nan=False))
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"app_state cannot be saved as JSON: {e}") from None
         with self._lock:
             parts = {"engine": self.learner.engine.state_arrays(), "learner": self.learner.state_arrays()}
-            meta = {"identity": self._identity, "samples_seen": self._samples_seen, "task_samples": self._task_samples}
+            kept = self._app_state if app_state is None else app_state
+            meta = {"identity": self._identity, "samples_seen": self._samples_seen, "task_samples": self._task_samples,
+                    "app_state": kept}
             slots = None
             if self.buffer is not None:
                 slots = self.buffer.take_changed()
@@ -218,6 +283,7 @@ class OnlineLearner:
                 raise
             if slots is not None:
                 self._log.commit(meta["log"])
+            self._app_state = kept
             return path
 
     def close(self) -> None:
@@ -253,6 +319,7 @@ class OnlineLearner:
             self.buffer.seen = int(ckpt.parts["buffer"]["seen"])
             self.buffer.rng.bit_generator.state = rng_from_state_array(ckpt.parts["buffer"]["rng"]).bit_generator.state
         self._samples_seen, self._task_samples = ckpt.meta["samples_seen"], ckpt.meta["task_samples"]
+        self._app_state = ckpt.meta.get("app_state", {})
 
     def _check_stream(self, x, y) -> tuple[np.ndarray, np.ndarray]:
         shape = ", ".join(map(str, self.input_shape))

@@ -24,6 +24,7 @@ import numpy as np
 
 from .buffer import ReplayBuffer
 from .channel_sparcl import STRUCTURES, ChannelDGM, ChannelMasks
+from .checks import check_named
 from .engine import Engine
 from .flops import dense_training_flops, training_flops
 from .latent import LatentReplay
@@ -190,6 +191,9 @@ class Learner:
         self.last_grads: dict[str, np.ndarray] = {}
         self.train_flops = 0.0
         self.dense_train_flops = 0.0
+        # FedProx's proximal term (Li et al., MLSys 2020): (mu, anchor weights) adds mu * (w - anchor) to the
+        # gradients of the anchored weights; set per federated round (`set_proximal`), never saved
+        self.proximal: tuple[float, dict[str, np.ndarray]] | None = None
         self._refresh_flops()
 
     # --- task and epoch boundaries -----------------------------------------------------
@@ -255,6 +259,21 @@ class Learner:
             self.latent.freeze()
             self._refresh_flops()
 
+    def set_proximal(self, mu: float, anchor: dict[str, np.ndarray] | None) -> None:
+        """FedProx: from now on each step minimises loss + mu/2 * ||w - anchor||^2 over the anchored
+        trainable weights (mu = 0 or anchor None: off).
+
+        Raises:
+            ValueError: mu is not a finite number >= 0. KeyError / ValueError: an anchor that is not
+                trainable weights of their shapes (`checks.check_named`).
+        """
+        if not (_real(mu) and np.isfinite(mu) and mu >= 0):
+            raise ValueError(f"proximal mu={mu!r}; accepted: a finite number >= 0")
+        if not mu or anchor is None:
+            self.proximal = None
+            return
+        self.proximal = (float(mu), check_named("anchor weight", anchor, self.engine.trainable_shapes))
+
     # --- one step -----------------------------------------------------------------------
     def observe(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray | None = None) -> float:
         """One optimizer step on a stream batch (rows `indices` of the current task) plus replay.
@@ -304,6 +323,11 @@ class Learner:
         loss, grads = self.engine.loss_and_grads(batch_x, batch_y, np.concatenate(sw), np.concatenate(tl),
                                                  np.concatenate(lw))
         stream_logits = self.engine.last_logits[:n]
+        if self.proximal is not None:
+            mu, anchor = self.proximal
+            params = self.engine.parameters()
+            grads = {name: (g + np.float32(mu) * (params[name] - anchor[name]) if name in anchor else g)
+                     for name, g in grads.items()}
         if self.sparse_names:
             self.last_grads = {name: grads[name] for name in self.sparse_names}
         if self.dgm is not None:

@@ -1,0 +1,59 @@
+"""`edgecl fleet simulate`: a fleet on Flower's simulation engine, every device a virtual SuperNode.
+
+The ServerApp runs in this process; the ClientApps run in the engine's workers (Ray actors, one
+CPU each), each device on its own stream and state folder in the run folder (`prepare.client_paths`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from flwr.simulation import run_simulation
+
+from .client import make_client_app
+from .prepare import client_paths
+from .server import read_run
+
+# One ONNX Runtime thread per device and numpy's BLAS kept to one: the engine's workers share the cores.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _resolver(run_dir: Path, artifacts: str):
+    def resolve(context):
+        return client_paths(run_dir, int(context.node_config["partition-id"]), artifacts)
+    return resolve
+
+
+def simulate(run_dir: str | Path, workers: int | None = None, on_round=None, verbose: bool = False) -> dict:
+    """Run the prepared fleet in `run_dir` on Flower's simulation engine; returns the result.
+
+    Args:
+        run_dir: a folder `prepare.prepare_run` wrote. workers: devices trained at once (None: the
+            CPU count). on_round: called after each round (`server.run_fleet`).
+    Raises:
+        RuntimeError: the simulation ended without a result (a server error; its log says why).
+    """
+    from .server import RESULT_FILE, make_server_app
+
+    run_dir = Path(run_dir).resolve()
+    run = read_run(run_dir)
+    config = run["config"]
+    cpus = workers or os.cpu_count() or 1
+    os.environ.update(WORKER_ENV)
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR}}
+    client = make_client_app(_resolver(run_dir, run["artifacts"]))
+    server = make_server_app(run_dir, on_round)
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(server_app=server, client_app=client, num_supernodes=config.clients, backend_config=backend,
+                       verbose_logging=verbose)
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        raise RuntimeError(f"the simulation in {str(run_dir)!r} ended without {RESULT_FILE}: see its log above")
+    import json
+    return json.loads(path.read_text())
