@@ -112,18 +112,23 @@ def train_device(paths: ClientPaths, settings: dict, server_round: int, global_a
     return update, metrics
 
 
+def handle_train(msg: Message, context: Context, resolve: Callable[[Context], ClientPaths]) -> Message:
+    """A train instruction in, the device's reply out (`train_device` on the device's files)."""
+    config = msg.content["config"]
+    update, metrics = train_device(resolve(context), dict(config), int(config["server-round"]),
+                                   from_record(msg.content["arrays"]), float(config.get("proximal-mu", 0.0)))
+    metrics["partition-id"] = int(context.node_config.get("partition-id", -1))
+    content = RecordDict({"arrays": to_record(update), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
 def make_client_app(resolve: Callable[[Context], ClientPaths] = paths_from_node_config) -> ClientApp:
     """A `ClientApp` whose devices find their files with `resolve` (node config by default)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
-        update, metrics = train_device(resolve(context), dict(config), int(config["server-round"]),
-                                       from_record(msg.content["arrays"]), float(config.get("proximal-mu", 0.0)))
-        metrics["partition-id"] = int(context.node_config.get("partition-id", -1))
-        content = RecordDict({"arrays": to_record(update), "metrics": MetricRecord(metrics)})
-        return Message(content=content, reply_to=msg)
+        return handle_train(msg, context, resolve)
 
     return app
 

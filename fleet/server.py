@@ -5,17 +5,20 @@ exported model's folder), `data/` (each device's stream, the test set) and `stat
 state folder, in a simulation or a localhost deployment). The ServerApp reads `fleet.json`, starts
 the chosen strategy (`strategy.build_strategy`) from the exported model's initial weights, evaluates
 the global model on every fleet task after each round (Flower's centralised `evaluate_fn`),
-writes `progress.json` after each round and `result.json` at the end, both atomically.
+writes `progress.json` after each round, and `result.json` and the final model (`global.npz`) at
+the end, all atomically.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import flwr
+import numpy as np
 from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -31,6 +34,7 @@ from .strategy import build_strategy
 RUN_FILE = "fleet.json"
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.json"
+GLOBAL_FILE = "global.npz"  # the final global model: w:<weight> and b:<buffer> arrays
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -93,8 +97,11 @@ def run_fleet(grid: Grid, run_dir: str | Path, on_round: Callable[[int, dict], N
         return MetricRecord({"acc-seen": row["acc_seen"]})
 
     settings = ConfigRecord(config.client_settings())
-    strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=config.rounds,
-                   timeout=config.round_timeout_s, train_config=settings, evaluate_fn=evaluate)
+    outcome = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=config.rounds,
+                             timeout=config.round_timeout_s, train_config=settings, evaluate_fn=evaluate)
+    buf = io.BytesIO()
+    np.savez(buf, **from_record(outcome.arrays if outcome.arrays is not None else to_record(initial)))
+    write_atomic(run_dir / GLOBAL_FILE, buf.getvalue())
     final = per_round[-1]["acc_seen"] if per_round else 0.0
     result = summarise(matrix, final)
     down = [r.get("bytes_down", 0) for r in per_round]

@@ -6,9 +6,9 @@ CPU each), each device on its own stream and state folder in the run folder (`pr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 from flwr.simulation import run_simulation
@@ -18,7 +18,16 @@ from .prepare import client_paths
 from .server import read_run
 
 # One ONNX Runtime thread per device and numpy's BLAS kept to one: the engine's workers share the cores.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # no GPUs: Ray's notice about their variable, silenced
+
+
+class _Quiet(logging.Filter):
+    """Flower's per-round INFO lines (the progress bar says it), and its notice that `run_simulation`
+    is deprecated in favour of `flwr run` (the Python entry point is what a library call needs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO and "run_simulation` function is deprecated" not in record.getMessage()
 
 
 def _resolver(run_dir: Path, artifacts: str):
@@ -48,12 +57,15 @@ def simulate(run_dir: str | Path, workers: int | None = None, on_round=None, ver
     client = make_client_app(_resolver(run_dir, run["artifacts"]))
     server = make_server_app(run_dir, on_round)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+    logger, quiet = logging.getLogger("flwr"), _Quiet()
+    if not verbose:
+        logger.addFilter(quiet)
+    try:
         run_simulation(server_app=server, client_app=client, num_supernodes=config.clients, backend_config=backend,
                        verbose_logging=verbose)
+    finally:
+        logger.removeFilter(quiet)
     path = run_dir / RESULT_FILE
     if not path.is_file():
         raise RuntimeError(f"the simulation in {str(run_dir)!r} ended without {RESULT_FILE}: see its log above")
-    import json
     return json.loads(path.read_text())

@@ -79,6 +79,8 @@ class FleetAggregation:
         info["replied"] = len(replies)
         info["timed_out"] = info["sampled"] - len(replies)
         accepted = []
+        weights = {k[2:]: v for k, v in self._global.items() if k.startswith("w:")}
+        buffers = {k[2:]: v for k, v in self._global.items() if k.startswith("b:")}
         for msg in replies:
             if msg.has_error():
                 info["failed"] += 1
@@ -91,7 +93,7 @@ class FleetAggregation:
                 if not isinstance(record, ArrayRecord):
                     raise UpdateError("no 'arrays' record; accepted: an ArrayRecord of the update")
                 arrays = from_record(record)
-                accepted.append((_partition(msg), _count(msg), decode_update(arrays, self.spec, self._global)))
+                accepted.append((_partition(msg), _count(msg), decode_update(arrays, self.spec, weights)))
             except (UpdateError, TypeError, ValueError) as e:
                 info["refused"].append({"partition": _partition(msg), "reason": str(e)})
                 log(WARNING, "round %d: refused the update of partition %d: %s", server_round, _partition(msg), e)
@@ -101,8 +103,6 @@ class FleetAggregation:
             return None, None
         counts = [n for _, n, _ in accepted]
         updates = [u for _, _, u in accepted]
-        weights = {k[2:]: v for k, v in self._global.items() if k.startswith("w:")}
-        buffers = {k[2:]: v for k, v in self._global.items() if k.startswith("b:")}
         new = {f"w:{k}": v for k, v in masked_average(weights, updates, counts).items()}
         new |= {f"b:{k}": v for k, v in average_buffers(buffers, updates, counts).items()}
         metrics = MetricRecord({"num-examples": float(sum(counts)), "devices": len(accepted)})

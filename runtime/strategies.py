@@ -384,7 +384,7 @@ class Learner:
     # --- checkpoints ----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Learner state for a checkpoint (the engine and buffer save their own)."""
-        meta = {"task": self.task, "step": self.step, "train_flops": self.train_flops,
+        meta = {"task": self.task, "step": self.step, "masks_ready": self.masks_ready, "train_flops": self.train_flops,
                 "dense_train_flops": self.dense_train_flops, "rng": self.rng.bit_generator.state}
         out = {"learner::meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
         if self.active is not None:
@@ -402,6 +402,8 @@ class Learner:
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         meta = json.loads(arrays["learner::meta"].tobytes().decode())
         self.task, self.step = meta["task"], meta["step"]
+        # saved before this key existed: a step was taken, so SparCL's first masks were set before it
+        self.masks_ready = bool(meta.get("masks_ready", self.step > 0))
         self.train_flops, self.dense_train_flops = meta["train_flops"], meta["dense_train_flops"]
         self.rng.bit_generator.state = meta["rng"]
         self.active = arrays.get("learner::active")
