@@ -20,10 +20,12 @@ import numpy as np
 from .codec import Update
 
 
-def _weights(counts) -> np.ndarray:
+def _weights(counts, updates: list[Update]) -> np.ndarray:
     n = np.asarray(counts, np.float64)
     if n.ndim != 1 or not np.isfinite(n).all() or (n < 0).any():
-        raise ValueError(f"example counts {list(counts)}; accepted: finite numbers >= 0, one per update")
+        raise ValueError(f"example counts {n.tolist()}; accepted: finite numbers >= 0, one per update")
+    if len(n) != len(updates):
+        raise ValueError(f"{len(n)} example counts for {len(updates)} updates; accepted: one count per update")
     return n
 
 
@@ -33,9 +35,7 @@ def masked_average(global_weights: dict[str, np.ndarray], updates: list[Update],
     Raises:
         ValueError: counts do not match the updates, or are negative or not finite.
     """
-    n = _weights(counts)
-    if len(n) != len(updates):
-        raise ValueError(f"{len(n)} example counts for {len(updates)} updates; accepted: one count per update")
+    n = _weights(counts, updates)
     out = {}
     for name, g in global_weights.items():
         num = np.zeros(g.shape, np.float64)
@@ -50,8 +50,12 @@ def masked_average(global_weights: dict[str, np.ndarray], updates: list[Update],
 
 
 def average_buffers(global_buffers: dict[str, np.ndarray], updates: list[Update], counts) -> dict[str, np.ndarray]:
-    """n_k-weighted means of the BatchNorm statistics (the global ones if every count is 0)."""
-    n = _weights(counts)
+    """n_k-weighted means of the BatchNorm statistics (the global ones if every count is 0).
+
+    Raises:
+        ValueError: counts do not match the updates, or are negative or not finite.
+    """
+    n = _weights(counts, updates)
     total = n.sum()
     if total <= 0:
         return {name: b.copy() for name, b in global_buffers.items()}

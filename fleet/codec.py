@@ -124,7 +124,7 @@ def decode_update(arrays: dict[str, np.ndarray], spec: ModelSpec, global_weights
     if not isinstance(arrays, dict):
         raise UpdateError(f"the update is a {type(arrays).__name__}; accepted: a dict of named arrays")
     known = {f"{p}:{n}" for n in spec.weights for p in "wmvqs"} | {f"b:{n}" for n in spec.buffers}
-    unknown = sorted(set(arrays) - known)
+    unknown = sorted(set(arrays) - known, key=str)  # a key of another type must not break the sort
     if unknown:
         raise UpdateError(f"unknown keys {unknown[:5]}; accepted: w:/m:/v:/q:/s: of the model's trainable weights "
                           "and b: of its buffers")
@@ -155,10 +155,11 @@ def decode_update(arrays: dict[str, np.ndarray], spec: ModelSpec, global_weights
                 raise UpdateError(f"'s:{name}' is {scale[0]}; accepted: a scale > 0")
             base = np.asarray(global_weights[name], np.float32)
             w = base.copy()
-            if on is None:
-                w += q.astype(np.float32) * scale[0]
-            else:
-                w[on] += q.astype(np.float32) * scale[0]
+            with np.errstate(over="ignore"):  # a scale that overflows float32 gives inf, refused just below
+                if on is None:
+                    w += q.astype(np.float32) * scale[0]
+                else:
+                    w[on] += q.astype(np.float32) * scale[0]
             used |= {f"q:{name}", f"s:{name}"}
         else:
             raise UpdateError(f"weight {name!r} is missing: no 'w:', 'v:' or 'q:' key for it")
