@@ -7,7 +7,7 @@
 #   .ci/arm.sh setup            install host packages (apt), register binfmt_misc, build the
 #                               root fs and the aarch64 site-packages; cached, ~1 min the first time
 #   .ci/arm.sh test [ARGS]      setup, export the test artifacts natively (.venv, torch), then
-#                               pytest tests/runtime tests/devices tests/examples under emulation, deselecting
+#                               pytest tests/runtime tests/devices tests/examples tests/fleet under emulation, deselecting
 #                               tests marked torch, ort_training, arm (host-side launchers) and
 #                               slow_under_emulation (tests/conftest.py); ARGS go to pytest
 #   .ci/arm.sh run [--bind DIR]... -- CMD [ARGS]
@@ -57,7 +57,7 @@ if [ "${1:-}" = __inside__ ]; then
   # `edgecl.runtime` etc. map to top-level folders (setuptools package-dir): a namespace
   # folder of symlinks gives the same import names without installing anything.
   mkdir -p "$R/tmp/.edgecl-path/edgecl"
-  for p in runtime exporters devices bench; do ln -s "$REPO/$p" "$R/tmp/.edgecl-path/edgecl/$p"; done
+  for p in runtime exporters devices fleet bench; do ln -s "$REPO/$p" "$R/tmp/.edgecl-path/edgecl/$p"; done
   keep=()
   for v in CI TERM OMP_WAIT_POLICY $(compgen -v | grep '^EDGECL_TEST_' || true); do
     [ -n "${!v+x}" ] && keep+=("$v=${!v}")
@@ -229,10 +229,10 @@ case "${1:-}" in
     trap 'rm -rf "$art"' EXIT
     say "exporting the test artifacts natively (x86-64, torch) into $art"
     (cd "$REPO" && OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m tests.helpers export-fixtures "$art")
-    say "pytest tests/runtime tests/devices tests/examples under emulated aarch64"
+    say "pytest tests/runtime tests/devices tests/examples tests/fleet under emulated aarch64"
     set +e
     (run --bind "$art" -- env EDGECL_TEST_ARTIFACTS="$art" EDGECL_TEST_TIME_SCALE=10 OMP_WAIT_POLICY=PASSIVE \
-       python3 -m pytest tests/runtime tests/devices tests/examples -p no:cacheprovider \
+       python3 -m pytest tests/runtime tests/devices tests/examples tests/fleet -p no:cacheprovider \
        -m "not torch and not ort_training and not arm and not slow_under_emulation" "$@")
     rc=$?
     rmdir "$ROOTFS$art" 2>/dev/null || true  # the empty mount point

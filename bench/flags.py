@@ -25,6 +25,7 @@ FIELD_FLAGS = {
     "reply_timeout": ("--timeout",),
     "num_classes": ("--classes",),
     "cache_dir": ("--cache",),
+    "round_timeout_s": ("--round-timeout",),
 }
 _FIELD = re.compile(r"(?<![\w.\-])([a-z][a-z0-9_]*)=")
 

@@ -62,6 +62,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Average accuracy over the tasks seen so far, after each task, one line per row (the joint
+    training's single point at the end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in results.values():
+        m = r.get("acc_matrix")
+        if m:
+            curve = [100 * sum(row[: t + 1]) / (t + 1) for t, row in enumerate(m)]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=r["label"])
+        else:
+            ax.plot([r["config"]["tasks"]], [100 * r["acc"]], marker="*", markersize=12, linestyle="none",
+                    label=r["label"])
+    ax.set_xticks(range(1, results[next(iter(results))]["config"]["tasks"] + 1))
+    ax.set_xlabel("fleet task")
+    ax.set_ylabel("accuracy on the tasks seen (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{results[next(iter(results))]['config']['clients']} devices, Split "
+                 f"{results[next(iter(results))]['config']['data']}, global model after each task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgecl.bench.fleet_table")
     p.add_argument("--clients", type=int, default=10)
@@ -69,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--replot", action="store_true", help="only redraw table.md and accuracy.png from --out's JSON")
     p.add_argument("--out", default="results/fleet", help="where the JSON results and table.md go")
     p.add_argument("--work", default="out", help="export cache and run folders (default out)")
     args = p.parse_args(argv)
@@ -76,11 +107,18 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = FleetConfig(clients=args.clients, rounds=args.rounds, data=args.data, epochs=args.epochs)
     results = {}
+    if args.replot:
+        results = {name: json.loads((out / f"{name}.json").read_text()) for name in args.rows.split(",")}
+        write_atomic(out / "table.md", table(results) + "\n")
+        plot(results, out / "accuracy.png")
+        print(table(results))
+        return 0
     for name in args.rows.split(","):
         results[name] = run_row(name, base, Path(args.work))
         write_atomic(out / f"{name}.json", json.dumps(results[name], indent=1))
         print(f"{name}: ACC {100 * results[name]['acc']:.1f} %  ({results[name]['wall_time_s']:.0f} s)", flush=True)
     write_atomic(out / "table.md", table(results) + "\n")
+    plot(results, out / "accuracy.png")
     print(table(results))
     return 0
 

@@ -95,20 +95,27 @@ def learn_round(learner, stream: ClientStream, server_round: int, rounds_per_tas
 
 def train_device(paths: ClientPaths, settings: dict, server_round: int, global_arrays: dict[str, np.ndarray],
                  proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
-    """One device's round, Flower aside: returns (update arrays, metrics). A kill before the save
-    leaves the previous round's state; the save writes model, buffer and position together."""
+    """One device's round, Flower aside: returns (update arrays, metrics).
+
+    A kill before the save leaves the previous round's state: the round is learned again. A round
+    the state folder already holds (killed after the save, before the reply reached the server) is
+    not learned twice: the saved model is sent again, so a retried round replies the same."""
     spec = ModelSpec.from_manifest(load_manifest(paths.artifacts))
     incoming = decode_update(global_arrays, spec, {})
     stream = _stream(paths.data_file)
     with open_learner(paths.artifacts, paths.state_dir, **online_kwargs(settings)) as learner:
-        learner.set_weights(incoming.weights, incoming.buffers)
-        learner.set_proximal(proximal_mu, incoming.weights if proximal_mu else None)
-        n, loss, app_state = learn_round(learner, stream, server_round, int(settings["rounds-per-task"]),
-                                         int(settings["epochs"]))
-        learner.save(app_state=app_state)
+        done = learner.app_state
+        if done.get("round") != server_round:
+            learner.set_weights(incoming.weights, incoming.buffers)
+            learner.set_proximal(proximal_mu, incoming.weights if proximal_mu else None)
+            n, loss, done = learn_round(learner, stream, server_round, int(settings["rounds-per-task"]),
+                                        int(settings["epochs"]))
+            done |= {"learned": n, "loss": loss}
+            learner.save(app_state=done)
         update = encode_update(learner.parameters(), learner.buffers(), learner.masks(), incoming.weights,
                                str(settings["encoding"]))
-        metrics = {"num-examples": n, "loss": loss, "position": app_state["position"], "samples-seen": learner.samples_seen}
+        metrics = {"num-examples": int(done["learned"]), "loss": float(done["loss"]), "position": done["position"],
+                   "samples-seen": learner.samples_seen}
     return update, metrics
 
 

@@ -22,12 +22,16 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POL
               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # no GPUs: Ray's notice about their variable, silenced
 
 
+QUIET = ("run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+
+
 class _Quiet(logging.Filter):
-    """Flower's per-round INFO lines (the progress bar says it), and its notice that `run_simulation`
-    is deprecated in favour of `flwr run` (the Python entry point is what a library call needs)."""
+    """Flower's per-round INFO lines (the progress bar says it), its notice that `run_simulation` is
+    deprecated in favour of `flwr run` (a library call needs the Python entry point; `fleet local`
+    goes through `flwr run`), and that devices do not evaluate (the server does, on every task)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO and "run_simulation` function is deprecated" not in record.getMessage()
+        return record.levelno > logging.INFO and not any(q in record.getMessage() for q in QUIET)
 
 
 def _resolver(run_dir: Path, artifacts: str):

@@ -54,8 +54,9 @@ class FleetAggregation:
     """Mixin over a Flower FedAvg: masked aggregation, per-reply refusal, bytes per round.
 
     `rounds` collects per round: bytes_down, bytes_up, sampled, replied, failed (error replies:
-    a device that dropped out or crashed), refused ([{partition, reason}]) and timed_out (sampled,
-    no reply before the round timeout: stragglers and dead devices).
+    a device that dropped out or crashed; `failures` holds the last line of each reason), refused
+    ([{partition, reason}]), timed_out (sampled, no reply before the round timeout: stragglers and
+    dead devices) and aggregated.
     """
 
     def setup_fleet(self, spec: ModelSpec) -> None:
@@ -69,7 +70,7 @@ class FleetAggregation:
         self._global = from_record(arrays)
         self.rounds[server_round] = {"bytes_down": sum(_record_bytes(m.content) for m in messages), "bytes_up": 0,
                                      "sampled": len(messages), "replied": 0, "failed": 0, "refused": [],
-                                     "timed_out": 0, "aggregated": 0}
+                                     "timed_out": 0, "aggregated": 0, "failures": []}
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -84,8 +85,10 @@ class FleetAggregation:
         for msg in replies:
             if msg.has_error():
                 info["failed"] += 1
-                log(WARNING, "round %d: device %d failed: %s", server_round, msg.metadata.src_node_id,
-                    msg.error.reason)
+                lines = [line for line in str(msg.error.reason).splitlines() if line.strip()]
+                reason = lines[-1].strip()[:300] if lines else "no reason given"  # a traceback's last line
+                info["failures"].append(reason)
+                log(WARNING, "round %d: device %d failed: %s", server_round, msg.metadata.src_node_id, reason)
                 continue
             info["bytes_up"] += _record_bytes(msg.content)
             try:
