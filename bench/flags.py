@@ -26,6 +26,7 @@ FIELD_FLAGS = {
     "num_classes": ("--classes",),
     "cache_dir": ("--cache",),
     "round_timeout_s": ("--round-timeout",),
+    "masked_aggregation": ("--no-masked-aggregation",),
 }
 _FIELD = re.compile(r"(?<![\w.\-])([a-z][a-z0-9_]*)=")
 

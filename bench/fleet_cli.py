@@ -31,6 +31,8 @@ def add_fleet_parser(sub) -> None:
         q.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the split (default 0.5)")
         q.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS)
         q.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal weight (default 0.01)")
+        q.add_argument("--no-masked-aggregation", action="store_true",
+                       help="ablation: average sparse devices' zero-filled weights as plain FedAvg does")
         q.add_argument("--method", default="derpp", choices=["finetune", "er", "derpp"])
         q.add_argument("--sparsity", type=float, default=None, help="SparCL on every device (default: dense)")
         q.add_argument("--encoding", default="dense", choices=ENCODINGS,
@@ -55,7 +57,8 @@ def add_fleet_parser(sub) -> None:
 
 def fleet_config(args) -> FleetConfig:
     return FleetConfig(clients=args.clients, rounds=args.rounds, data=args.data, tasks=args.tasks, alpha=args.alpha,
-                       aggregation=args.aggregation, mu=args.mu, method=args.method, sparsity=args.sparsity,
+                       aggregation=args.aggregation, mu=args.mu,
+                       masked_aggregation=not args.no_masked_aggregation, method=args.method, sparsity=args.sparsity,
                        encoding=args.encoding, epochs=args.epochs, batch_size=args.batch,
                        replay_batch=args.replay_batch, buffer=args.buffer, lr=args.lr, fraction=args.fraction,
                        round_timeout_s=args.round_timeout, seed=args.seed, model=args.model)

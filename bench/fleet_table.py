@@ -26,6 +26,8 @@ ROWS = {  # name -> (label, FleetConfig changes, how it runs)
     "fedavg-sparcl": ("FedAvg + SparCL-DER++ 0.75, masked, dense updates", {"sparsity": 0.75}, "simulate"),
     "fedavg-sparcl-sparse": ("... sparse updates", {"sparsity": 0.75, "encoding": "sparse"}, "simulate"),
     "fedavg-sparcl-q8": ("... sparse 8-bit updates", {"sparsity": 0.75, "encoding": "sparse-q8"}, "simulate"),
+    "fedavg-sparcl-unmasked": ("... ablation: zeros averaged in (no masked aggregation)",
+                               {"sparsity": 0.75, "masked_aggregation": False}, "simulate"),
     "joint": ("Centralised joint (upper bound)", {}, "joint"),
 }
 

@@ -3,14 +3,17 @@ entries it trained (masked aggregation for sparse devices).
 
 FedAvg (McMahan et al., AISTATS 2017) weights each device's model by its example count n_k. A
 SparCL device trains only the entries under its mask and holds zeros elsewhere; averaging those
-zeros in would shrink every weight some device masked out. So each entry is the n_k-weighted mean
-over the devices whose mask covers it, and keeps its global value where none does:
+zeros in shrinks every weight some device masked out. So each entry is the n_k-weighted mean over
+the devices whose mask covers it, and 0 where none does (every device that counted pruned it):
 
-    w[i] = sum_k n_k c_k[i] w_k[i] / sum_k n_k c_k[i]   if sum_k n_k c_k[i] > 0, else global[i]
+    w[i] = sum_k n_k c_k[i] w_k[i] / sum_k n_k c_k[i]   if sum_k n_k c_k[i] > 0, else 0
 
-(c_k[i] = 1 where device k trained entry i; all ones for a dense device: plain FedAvg.) BatchNorm
-statistics are n_k-weighted means. Sums run in float64 in the order given, so a fixed order of
-devices gives the same model bit for bit.
+(c_k[i] = 1 where device k trained entry i; all ones for a dense device: plain FedAvg.) The global
+model is then the union of the devices' sparse models: keeping the old global value where no device
+trains leaves stale entries (the initial weights, even) that no device uses and the server's
+evaluation does (on the README's fleet: the same ACC, 40.1 %, forgetting 61.0 % instead of 57.7 %).
+If every count is 0 the global model stays as it was. BatchNorm statistics are n_k-weighted means. Sums run in
+float64 in the order given, so a fixed order of devices gives the same model bit for bit.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def masked_average(global_weights: dict[str, np.ndarray], updates: list[Update],
         ValueError: counts do not match the updates, or are negative or not finite.
     """
     n = _weights(counts, updates)
+    if n.sum() <= 0:
+        return {name: g.copy() for name, g in global_weights.items()}
     out = {}
     for name, g in global_weights.items():
         num = np.zeros(g.shape, np.float64)
@@ -45,7 +50,7 @@ def masked_average(global_weights: dict[str, np.ndarray], updates: list[Update],
             c = nk if cover is None else nk * cover
             num += c * u.weights[name]
             den += c
-        out[name] = np.where(den > 0, num / np.where(den > 0, den, 1.0), g).astype(np.float32)
+        out[name] = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).astype(np.float32)
     return out
 
 

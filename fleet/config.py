@@ -37,7 +37,8 @@ class FleetConfig:
         tasks: fleet tasks the classes arrive in. alpha: Dirichlet concentration of the split.
         aggregation: "fedavg" (McMahan et al. 2017) or "fedprox" (Li et al. 2020: each device adds
             mu/2 ||w - w_global||^2 to its loss; with local replay, the issue's forgetting-aware baseline).
-        mu: FedProx's proximal weight. method: each device's learner ("finetune", "er", "derpp").
+        mu: FedProx's proximal weight. masked_aggregation: each entry averaged over the devices that
+            trained it (False: the ablation, plain FedAvg of sparse devices' zero-filled weights). method: each device's learner ("finetune", "er", "derpp").
         sparsity: SparCL on each device (None: dense); masked aggregation follows from the masks.
         encoding: "dense", "sparse" (mask bits + masked values) or "sparse-q8" (8-bit deltas).
         epochs: local passes over a round's new examples. batch_size, replay_batch, lr: the learner's.
@@ -55,6 +56,7 @@ class FleetConfig:
     alpha: float = 0.5
     aggregation: str = "fedavg"
     mu: float = 0.01
+    masked_aggregation: bool = True
     method: str = "derpp"
     sparsity: float | None = None
     encoding: str = "dense"
@@ -84,6 +86,8 @@ class FleetConfig:
         if self.encoding != "dense" and self.sparsity is None:
             raise ValueError(f"encoding={self.encoding!r} sends the weights under each device's mask: it needs "
                              "sparsity (SparCL); accepted: a sparsity, or encoding='dense'")
+        if not isinstance(self.masked_aggregation, bool):
+            raise ValueError(f"masked_aggregation={self.masked_aggregation!r}; accepted: True or False")
         _number("alpha", self.alpha, 0.0, 1e6, True)
         _number("mu", self.mu, 0.0, 1e3, False)
         _number("fraction", self.fraction, 0.0, 1.0, True)

@@ -71,7 +71,8 @@ def run_fleet(grid: Grid, run_dir: str | Path, on_round: Callable[[int, dict], N
     spec = ModelSpec.from_manifest(engine.manifest)
     params = engine.parameters()
     initial = {f"w:{n}": params[n] for n in spec.weights} | {f"b:{n}": b for n, b in engine.buffers().items()}
-    strategy = build_strategy(config.aggregation, spec, config.clients, config.fraction, config.proximal_mu)
+    strategy = build_strategy(config.aggregation, spec, config.clients, config.fraction, config.proximal_mu,
+                              config.masked_aggregation)
     rpt = config.rounds_per_task
     per_round: list[dict] = []
     matrix: list[list[float]] = []

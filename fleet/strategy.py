@@ -16,6 +16,7 @@ centralised evaluation); these subclasses replace only `aggregate_train`:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from logging import WARNING
@@ -59,8 +60,9 @@ class FleetAggregation:
     dead devices) and aggregated.
     """
 
-    def setup_fleet(self, spec: ModelSpec) -> None:
-        self.spec = spec
+    def setup_fleet(self, spec: ModelSpec, masked: bool = True) -> None:
+        """masked=False: the ablation, plain FedAvg of the devices' zero-filled weights."""
+        self.spec, self.masked = spec, masked
         self.rounds: dict[int, dict] = {}
         self._global: dict = {}
 
@@ -105,7 +107,8 @@ class FleetAggregation:
         if not accepted or sum(n for _, n, _ in accepted) <= 0:
             return None, None
         counts = [n for _, n, _ in accepted]
-        updates = [u for _, _, u in accepted]
+        updates = [u if self.masked else dataclasses.replace(u, coverage={k: None for k in u.coverage})
+                   for _, _, u in accepted]
         new = {f"w:{k}": v for k, v in masked_average(weights, updates, counts).items()}
         new |= {f"b:{k}": v for k, v in average_buffers(buffers, updates, counts).items()}
         metrics = MetricRecord({"num-examples": float(sum(counts)), "devices": len(accepted)})
@@ -120,11 +123,11 @@ class FleetFedProx(FleetAggregation, FedProx):
     """Flower's FedProx (sends "proximal-mu"; each device adds the term) with the same aggregation."""
 
 
-def build_strategy(aggregation: str, spec: ModelSpec, clients: int, fraction: float, mu: float):
+def build_strategy(aggregation: str, spec: ModelSpec, clients: int, fraction: float, mu: float, masked: bool = True):
     """The strategy of `FleetConfig.aggregation`, waiting for all `clients` devices to connect."""
     sampled = max(1, math.ceil(clients * fraction))
     kwargs = dict(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=sampled, min_evaluate_nodes=0,
                   min_available_nodes=clients)
     strategy = FleetFedProx(proximal_mu=mu, **kwargs) if aggregation == "fedprox" else FleetFedAvg(**kwargs)
-    strategy.setup_fleet(spec)
+    strategy.setup_fleet(spec, masked)
     return strategy

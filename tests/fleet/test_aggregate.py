@@ -26,8 +26,8 @@ DENSE = update([2, 2, 2, 2], buffer=(5, 10))
 
 def test_each_entry_is_the_count_weighted_mean_of_the_devices_that_trained_it():
     got = masked_average(GLOBAL, [A, B], [1, 3])
-    # entry 0: A alone; 1: (1*2 + 3*6) / 4; 2: B alone; 3: nobody trained it, the global value stays
-    np.testing.assert_allclose(got["w"], [1, 5, 7, 10], rtol=0, atol=0)
+    # entry 0: A alone; 1: (1*2 + 3*6) / 4; 2: B alone; 3: nobody trained it: pruned by all, 0
+    np.testing.assert_allclose(got["w"], [1, 5, 7, 0], rtol=0, atol=0)
     assert got["w"].dtype == np.float32
 
 
@@ -50,7 +50,7 @@ def test_buffers_are_count_weighted_means():
 
 def test_a_device_with_no_examples_counts_for_nothing():
     got = masked_average(GLOBAL, [A, B], [0, 3])
-    np.testing.assert_array_equal(got["w"], [10, 6, 7, 10])  # A's entry 0 is not averaged in
+    np.testing.assert_array_equal(got["w"], [0, 6, 7, 0])  # A's entry 0 is not averaged in
     np.testing.assert_array_equal(average_buffers(GLOBAL_BUFFERS, [A, B], [0, 3])["mean"], [3, 6])
 
 
