@@ -19,7 +19,7 @@ from edgecl.runtime.data import load_npz
 from edgecl.runtime.online import open_learner
 
 from .client import train_device
-from .codec import ModelSpec, decode_update
+from .codec import ModelSpec, decode_update, dense_model
 from .evaluation import TaskEvaluator, summarise
 from .prepare import client_paths
 from .scenario import ClientStream
@@ -40,7 +40,7 @@ def local_only(run_dir: str | Path, on_round=None) -> dict:
     engine = evaluator.engine
     spec = ModelSpec.from_manifest(engine.manifest)
     params = engine.parameters()
-    initial = {f"w:{n}": params[n] for n in spec.weights} | {f"b:{n}": b for n, b in engine.buffers().items()}
+    initial = dense_model({n: params[n] for n in spec.weights}, engine.buffers())
     models = [dict(initial) for _ in range(config.clients)]
     settings = config.client_settings() | {"encoding": "dense"}
     matrices = np.zeros((config.clients, config.tasks, config.tasks))

@@ -176,6 +176,18 @@ def decode_update(arrays: dict[str, np.ndarray], spec: ModelSpec, global_weights
     return Update(weights, coverage, buffers)
 
 
+def dense_model(weights: dict[str, np.ndarray], buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A whole model as the server sends it: w:<name> and b:<name> float32 arrays."""
+    return {f"w:{n}": np.asarray(w, np.float32) for n, w in weights.items()} | {
+        f"b:{n}": np.asarray(b, np.float32) for n, b in buffers.items()}
+
+
+def split_model(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(weights, buffers) of what `dense_model` wrote."""
+    return ({k[2:]: v for k, v in arrays.items() if k.startswith("w:")},
+            {k[2:]: v for k, v in arrays.items() if k.startswith("b:")})
+
+
 def update_nbytes(arrays: dict[str, np.ndarray]) -> int:
     """Payload bytes of the arrays alone (Flower's `ArrayRecord.count_bytes` adds npy headers and keys)."""
     return int(sum(a.nbytes for a in arrays.values()))

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from edgecl.runtime.data import load_npz
 from edgecl.runtime.files import write_atomic
 
-from .codec import ModelSpec
+from .codec import ModelSpec, dense_model, split_model
 from .config import FleetConfig
 from .evaluation import TaskEvaluator, summarise
 from .records import from_record, to_record
@@ -70,7 +70,7 @@ def run_fleet(grid: Grid, run_dir: str | Path, on_round: Callable[[int, dict], N
     engine = evaluator.engine
     spec = ModelSpec.from_manifest(engine.manifest)
     params = engine.parameters()
-    initial = {f"w:{n}": params[n] for n in spec.weights} | {f"b:{n}": b for n, b in engine.buffers().items()}
+    initial = dense_model({n: params[n] for n in spec.weights}, engine.buffers())
     strategy = build_strategy(config.aggregation, spec, config.clients, config.fraction, config.proximal_mu,
                               config.masked_aggregation)
     rpt = config.rounds_per_task
@@ -79,9 +79,7 @@ def run_fleet(grid: Grid, run_dir: str | Path, on_round: Callable[[int, dict], N
     started = time.perf_counter()
 
     def evaluate(server_round: int, record) -> MetricRecord:
-        arrays = from_record(record)
-        weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w:")}
-        buffers = {k[2:]: v for k, v in arrays.items() if k.startswith("b:")}
+        weights, buffers = split_model(from_record(record))
         accs = evaluator.task_accuracies(weights, buffers)
         task = min(max(server_round - 1, 0) // rpt, config.tasks - 1)
         if server_round == 0:

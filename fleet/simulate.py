@@ -15,7 +15,7 @@ from flwr.simulation import run_simulation
 
 from .client import make_client_app
 from .prepare import client_paths
-from .server import read_run
+from .server import RESULT_FILE, make_server_app, read_run
 
 # One ONNX Runtime thread per device and numpy's BLAS kept to one: the engine's workers share the cores.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
@@ -49,13 +49,10 @@ def simulate(run_dir: str | Path, workers: int | None = None, on_round=None, ver
     Raises:
         RuntimeError: the simulation ended without a result (a server error; its log says why).
     """
-    from .server import RESULT_FILE, make_server_app
-
     run_dir = Path(run_dir).resolve()
     run = read_run(run_dir)
     config = run["config"]
     cpus = workers or os.cpu_count() or 1
-    os.environ.update(WORKER_ENV)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR}}
     client = make_client_app(_resolver(run_dir, run["artifacts"]))
@@ -64,11 +61,17 @@ def simulate(run_dir: str | Path, workers: int | None = None, on_round=None, ver
     logger, quiet = logging.getLogger("flwr"), _Quiet()
     if not verbose:
         logger.addFilter(quiet)
+    # Ray writes PYTHONPATH, PYTHONBREAKPOINT and its own variables into this process's environment
+    # (for its workers), and the workers need WORKER_ENV: the caller gets its environment back.
+    saved = dict(os.environ)
+    os.environ.update(WORKER_ENV)
     try:
         run_simulation(server_app=server, client_app=client, num_supernodes=config.clients, backend_config=backend,
                        verbose_logging=verbose)
     finally:
         logger.removeFilter(quiet)
+        os.environ.clear()
+        os.environ.update(saved)
     path = run_dir / RESULT_FILE
     if not path.is_file():
         raise RuntimeError(f"the simulation in {str(run_dir)!r} ended without {RESULT_FILE}: see its log above")

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.supercore import log
 
 from .aggregate import average_buffers, masked_average
-from .codec import ModelSpec, UpdateError, decode_update
+from .codec import ModelSpec, UpdateError, decode_update, dense_model, split_model
 from .records import from_record, to_record
 
 
@@ -82,8 +82,7 @@ class FleetAggregation:
         info["replied"] = len(replies)
         info["timed_out"] = info["sampled"] - len(replies)
         accepted = []
-        weights = {k[2:]: v for k, v in self._global.items() if k.startswith("w:")}
-        buffers = {k[2:]: v for k, v in self._global.items() if k.startswith("b:")}
+        weights, buffers = split_model(self._global)
         for msg in replies:
             if msg.has_error():
                 info["failed"] += 1
@@ -109,8 +108,7 @@ class FleetAggregation:
         counts = [n for _, n, _ in accepted]
         updates = [u if self.masked else dataclasses.replace(u, coverage={k: None for k in u.coverage})
                    for _, _, u in accepted]
-        new = {f"w:{k}": v for k, v in masked_average(weights, updates, counts).items()}
-        new |= {f"b:{k}": v for k, v in average_buffers(buffers, updates, counts).items()}
+        new = dense_model(masked_average(weights, updates, counts), average_buffers(buffers, updates, counts))
         metrics = MetricRecord({"num-examples": float(sum(counts)), "devices": len(accepted)})
         return to_record(new), metrics
 

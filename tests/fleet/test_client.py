@@ -23,7 +23,7 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
 
 from edgecl.fleet.client import make_client_app, paths_from_node_config  # noqa: E402
-from edgecl.fleet.codec import ModelSpec  # noqa: E402
+from edgecl.fleet.codec import ModelSpec, dense_model  # noqa: E402
 from edgecl.fleet.config import FleetConfig  # noqa: E402
 from edgecl.fleet.records import from_record, to_record  # noqa: E402
 from edgecl.fleet.scenario import dirichlet_fleet, write_client_files  # noqa: E402
@@ -51,7 +51,7 @@ def initial_model(artifacts) -> dict[str, np.ndarray]:
     engine = open_engine(artifacts)
     spec = ModelSpec.from_manifest(load_manifest(artifacts))
     params = engine.parameters()
-    return {f"w:{n}": params[n] for n in spec.weights} | {f"b:{n}": b for n, b in engine.buffers().items()}
+    return dense_model({n: params[n] for n in spec.weights}, engine.buffers())
 
 
 def as_flower_task() -> None:

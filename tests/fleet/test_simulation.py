@@ -6,6 +6,7 @@ simulation engine, with a ClientApp wrapping the real one to inject each fault."
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -53,7 +54,9 @@ def stream_lengths(run_dir) -> list[int]:
 def test_a_short_simulation_end_to_end(tmp_path, cnn):
     run_dir = make_run(tmp_path, cnn, clients=3, rounds=5, epochs=2)
     rounds_seen = []
+    environment = dict(os.environ)
     result = simulate(run_dir, workers=2, on_round=lambda r, row: rounds_seen.append(r))
+    assert dict(os.environ) == environment  # Ray's and the workers' variables do not leak to the caller
     assert rounds_seen == [1, 2, 3, 4, 5]
     assert json.loads((run_dir / RESULT_FILE).read_text()) == result
     for key in ("acc", "acc_matrix", "forgetting", "bytes_sent_per_round", "config"):
