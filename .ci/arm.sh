@@ -39,6 +39,14 @@ die() { say "error: $*"; exit 2; }
 ROOTFS=$CACHE/rootfs-$SUITE-arm64
 SITE=$CACHE/site-$( { cat "$REQS"; echo "$PLATFORM $PYVER $UV_SPEC"; } | sha256sum | cut -c1-12)
 CPUINFO=$CACHE/cpuinfo-arm
+# What `test` runs under emulation ($EDGECL_ARM_TESTS overrides it).
+ARM_TESTS="tests/runtime tests/devices tests/examples tests/fleet"
+# The hang guard: qemu-user 7.2 (bookworm's, the newest Debian has) at times leaves a child
+# process hung between fork and exec, in a futex wait that never returns (seen about once per
+# full emulated run, each time at a different subprocess call). pytest-timeout fails a test
+# that runs past TEST_TIMEOUT_S (the slowest emulated test, test_loop.py's DER++ run, took 106 s) and
+# pytest-rerunfailures runs it once more; only a timeout is rerun, a real failure fails.
+TEST_TIMEOUT_S=300
 
 # ---------------------------------------------------------------- inside the mount namespace
 # `unshare -m` re-enters this script here; every mount below disappears with the namespace.
@@ -229,11 +237,13 @@ case "${1:-}" in
     trap 'rm -rf "$art"' EXIT
     say "exporting the test artifacts natively (x86-64, torch) into $art"
     (cd "$REPO" && OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m tests.helpers export-fixtures "$art")
-    say "pytest tests/runtime tests/devices tests/examples tests/fleet under emulated aarch64"
+    tests=${EDGECL_ARM_TESTS:-$ARM_TESTS}
+    say "pytest $tests under emulated aarch64"
     set +e
     (run --bind "$art" -- env EDGECL_TEST_ARTIFACTS="$art" EDGECL_TEST_TIME_SCALE=10 OMP_WAIT_POLICY=PASSIVE \
-       python3 -m pytest tests/runtime tests/devices tests/examples tests/fleet -p no:cacheprovider \
-       -m "not torch and not ort_training and not arm and not slow_under_emulation" "$@")
+       python3 -m pytest $tests -p no:cacheprovider \
+       -m "not torch and not ort_training and not arm and not slow_under_emulation" \
+       --timeout "$TEST_TIMEOUT_S" --reruns 1 --only-rerun "from pytest-timeout" "$@")
     rc=$?
     rmdir "$ROOTFS$art" 2>/dev/null || true  # the empty mount point
     say "pytest under emulated aarch64: exit $rc"

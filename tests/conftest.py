@@ -32,6 +32,12 @@ SLOW_UNDER_EMULATION = {
         "two runs natively ~1 s; a sha256 over the data, nothing platform-specific",
     "tests/runtime/test_loop.py::test_sparcl_keeps_exact_sparsity_and_counts_fewer_flops":
         "2.5 min emulated; SparCL-DER++ trains on aarch64 in test_agent_e2e.py::test_training_survives_an_agent_restart",
+    "tests/examples/test_stream_app.py::test_the_app_survives_sigkill_and_ends_as_an_uninterrupted_run":
+        "4.1 min emulated (an app process per kill, ~5 s to start under qemu); the OnlineLearner under it is "
+        "killed and reopened emulated in test_online_kill.py::test_sigkill_at_random_moments_…",
+    "tests/runtime/test_online_kill.py::test_sigkill_at_each_durable_write_of_a_save_then_reopen_equals_an_uninterrupted_run":
+        "2.9 min emulated (a process per durable write); which writes a save makes is Python and os calls, "
+        "nothing architecture-specific, and the random-moment kills of the same file run emulated",
 }
 
 
