@@ -18,7 +18,7 @@
 # Inside: this repository at its own path, `edgecl.*` importable from its folders (no
 # install step: edits show at once), the host's /dev (pseudo-terminals), an ARM-format
 # /proc/cpuinfo (onnxruntime's cpuinfo crashes under qemu on the x86 one), a fresh /tmp.
-# Cache: $EDGECL_ARM_CACHE, default ~/.cache/edgecl-arm (root fs + wheels, ~300 MB);
+# Cache: $EDGECL_ARM_CACHE, default ~/.cache/edgecl-arm (root fs + wheels, ~1.1 GB);
 # delete it to start from nothing. Needs root (debootstrap, binfmt_misc, chroot).
 # Measured on the 2-core CI machine: setup from nothing 89 s (apt 19 s, root fs 47 s, wheels
 # 23 s), then 1 s; `test` ~21 min under load (export 21 s, 686 tests emulated in 20 min 57 s).
